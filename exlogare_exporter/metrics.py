@@ -1,0 +1,165 @@
+"""Prometheus exposition: a custom collector over the `Store`'s snapshot, on a private registry."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.metrics import disable_created_metrics
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from . import __version__
+from .parse import Overview, TopProject
+from .state import Store, TenantState
+
+SCHEDULED = "Refreshed from the Exlogare API on a schedule, not at scrape time."
+
+# Endpoint kinds as stored in `TenantState.results` keys.
+OVERVIEW = "overview"
+TOP_PROJECTS = "top_projects"
+TOP_ROOT_CAUSES = "top_root_causes"
+TIMESERIES = "timeseries"
+
+
+class Families:
+    """The data families of one scrape, created empty so every metric has HELP/TYPE even without samples."""
+
+    def __init__(self) -> None:
+        tw = ["tenant", "window"]
+        self.failures = GaugeMetricFamily(
+            "exlogare_failures_detected", f"Failed CI jobs received in the window. {SCHEDULED}", labels=tw)
+        self.analyses = GaugeMetricFamily(
+            "exlogare_analyses_completed", f"RCAs written in the window. {SCHEDULED}", labels=tw)
+        self.by_severity = GaugeMetricFamily(
+            "exlogare_analyses_by_severity", f"RCAs written in the window, by severity. {SCHEDULED}",
+            labels=[*tw, "severity"])
+        ttr = "time from failure to RCA in the window; absent when the window holds no RCA."
+        self.ttr = {
+            key: GaugeMetricFamily(f"exlogare_time_to_rca_{key}_seconds", f"{what} {ttr} {SCHEDULED}",
+                                   labels=tw)
+            for key, what in (("p50", "Median"), ("p90", "90th percentile"), ("avg", "Mean"))
+        }
+        self.daily = GaugeMetricFamily(
+            "exlogare_daily_failures",
+            f"Failed CI jobs per UTC day, zero-filled; today's value grows during the day. {SCHEDULED}",
+            labels=["tenant", "date"])
+        self.project_failures = GaugeMetricFamily(
+            "exlogare_top_project_failures", f"Failures of the top projects in the window. {SCHEDULED}",
+            labels=[*tw, "project"])
+        self.project_analyses = GaugeMetricFamily(
+            "exlogare_top_project_analyses", f"RCAs of the top projects in the window. {SCHEDULED}",
+            labels=[*tw, "project"])
+        self.root_causes = GaugeMetricFamily(
+            "exlogare_top_root_cause_analyses",
+            f"RCAs in the largest root-cause clusters in the window. {SCHEDULED}",
+            labels=[*tw, "root_cause", "severity"])
+        self.up = GaugeMetricFamily(
+            "exlogare_up", "1 when the last refresh of every endpoint of the tenant succeeded, else 0.",
+            labels=["tenant"])
+        self.last_success = GaugeMetricFamily(
+            "exlogare_last_success_timestamp_seconds",
+            "Unix time of the tenant's last fully successful refresh.", labels=["tenant"])
+        self.duration = GaugeMetricFamily(
+            "exlogare_refresh_duration_seconds", "Duration of the tenant's last refresh.", labels=["tenant"])
+
+    def all(self) -> list[Metric]:
+        return [self.failures, self.analyses, self.by_severity, *self.ttr.values(), self.daily,
+                self.project_failures, self.project_analyses, self.root_causes, self.up, self.last_success,
+                self.duration]
+
+    def add_tenant(self, state: TenantState, now: float) -> None:
+        name = state.name
+        self.up.add_metric([name], 1.0 if state.up else 0.0)
+        if state.last_success is not None:
+            self.last_success.add_metric([name], state.last_success)
+        if state.last_duration is not None:
+            self.duration.add_metric([name], state.last_duration)
+        for (kind, window), fetched in state.fresh_results(now):
+            if kind == OVERVIEW:
+                self._add_overview(name, window, fetched.value)
+            elif kind == TOP_PROJECTS:
+                self._add_projects(name, window, fetched.value)
+            elif kind == TOP_ROOT_CAUSES:
+                for rc in fetched.value:  # type: TopRootCause
+                    self.root_causes.add_metric([name, window, rc.root_cause, rc.severity], rc.count)
+            elif kind == TIMESERIES:
+                for day, failures in fetched.value:
+                    self.daily.add_metric([name, day], failures)
+
+    def _add_overview(self, name: str, window: str, ov: Overview) -> None:
+        self.failures.add_metric([name, window], ov.failures_detected)
+        self.analyses.add_metric([name, window], ov.analyses_completed)
+        for severity, count in ov.severity_counts:
+            self.by_severity.add_metric([name, window, severity], count)
+        for key, value in (("p50", ov.p50_seconds), ("p90", ov.p90_seconds), ("avg", ov.avg_seconds)):
+            if value is not None:
+                self.ttr[key].add_metric([name, window], value)
+
+    def _add_projects(self, name: str, window: str, projects: Iterable[TopProject]) -> None:
+        for p in projects:
+            self.project_failures.add_metric([name, window, p.project], p.failures)
+            self.project_analyses.add_metric([name, window, p.project], p.analyses)
+
+
+class ExlogareCollector:
+    """Builds the data families from the store's current snapshot; never calls the upstream."""
+
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._clock = clock
+
+    def describe(self) -> list[Metric]:
+        return Families().all()
+
+    def collect(self) -> Iterable[Metric]:
+        families = Families()
+        now = self._clock()
+        for state in self._store.snapshot().values():
+            families.add_tenant(state, now)
+        build = GaugeMetricFamily("exlogare_exporter_build_info",
+                                  "The exporter's version; constant 1.", labels=["version"])
+        build.add_metric([__version__], 1.0)
+        return [*families.all(), build]
+
+
+class ExporterMetrics:
+    """The private registry and the instruments the poller and the CLI update directly."""
+
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+        disable_created_metrics()  # `_created` series would double the counters' cardinality for no use
+        self.registry = CollectorRegistry()
+        self.registry.register(ExlogareCollector(store, clock))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.upstream_requests = Counter(
+            "exlogare_upstream_requests", "HTTP requests made to the Exlogare API, by endpoint and outcome "
+            "(status code, or timeout, connection, invalid_body); retries count one each.",
+            ["tenant", "endpoint", "code"], registry=self.registry)
+        self._request_labels: set[tuple[str, str, str]] = set()
+        self.reload_ok = Gauge(
+            "exlogare_config_last_reload_successful", "1 when the last configuration (re)load succeeded.",
+            registry=self.registry)
+        self.reload_time = Gauge(
+            "exlogare_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration load.", registry=self.registry)
+
+    def on_response(self, tenant: str) -> Callable[[str, str], None]:
+        """The client's per-attempt callback for one tenant."""
+        def record(endpoint: str, code: str) -> None:
+            self._request_labels.add((tenant, endpoint, code))
+            self.upstream_requests.labels(tenant, endpoint, code).inc()
+        return record
+
+    def forget_tenant(self, tenant: str) -> None:
+        """Drop a removed tenant's request counters, so its series end with it."""
+        for labels in [lv for lv in self._request_labels if lv[0] == tenant]:
+            self._request_labels.discard(labels)
+            self.upstream_requests.remove(*labels)
+
+    def config_loaded(self, ok: bool, now: float | None = None) -> None:
+        self.reload_ok.set(1 if ok else 0)
+        if ok:
+            self.reload_time.set(time.time() if now is None else now)

@@ -1,0 +1,234 @@
+"""Scheduled refreshes: one APScheduler job per tenant, each building a new `TenantState` to swap in."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor as FuturesPool
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
+from functools import partial
+from types import MappingProxyType
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from .client import BadRequest, ExlogareClient, InvalidBody, UpstreamError
+from .config import Config, TenantConfig
+from .metrics import OVERVIEW, TIMESERIES, TOP_PROJECTS, TOP_ROOT_CAUSES, ExporterMetrics
+from .parse import parse_overview, parse_timeseries, parse_top_projects, parse_top_root_causes
+from .state import Fetched, ResultKey, Store, TenantState
+
+log = logging.getLogger(__name__)
+
+# Fast enough that a handful of tenants all start at once, slow enough that a thousand spread their phases.
+STAGGER_STEP = 0.1
+
+
+@dataclass(frozen=True)
+class Call:
+    """One upstream request of a refresh, and where its parsed answer goes."""
+
+    key: ResultKey
+    endpoint: str
+    params: Mapping[str, int]
+    parse: Callable[[Any], Any]
+
+
+def plan_calls(cfg: TenantConfig, today: date) -> list[Call]:
+    """The minimum set of requests a refresh needs: overview and both top lists per window, one timeseries."""
+    top_params = lambda w: {"days": w.days, "limit": cfg.top_limit}  # noqa: E731
+    max_len = cfg.label_max_length
+    return [
+        *(Call((OVERVIEW, w.label), "/stats/overview", {"days": w.days}, parse_overview)
+          for w in cfg.windows),
+        *(Call((TOP_PROJECTS, w.label), "/stats/top-projects", top_params(w),
+               partial(parse_top_projects, max_len=max_len)) for w in cfg.top_windows),
+        *(Call((TOP_ROOT_CAUSES, w.label), "/stats/top-root-causes", top_params(w),
+               partial(parse_top_root_causes, max_len=max_len)) for w in cfg.top_windows),
+        Call((TIMESERIES, ""), "/stats/timeseries", {"days": cfg.timeseries_days},
+             partial(parse_timeseries, days=cfg.timeseries_days, today=today)),
+    ]
+
+
+def _data_changed(old: TenantConfig, new: TenantConfig) -> bool:
+    """Whether results fetched under `old` no longer describe what `new` points at."""
+    return old.base_url != new.base_url or old.token != new.token
+
+
+@dataclass
+class _Tenant:
+    config: TenantConfig
+    client: ExlogareClient
+
+
+class Poller:
+    """Owns the scheduler, the per-tenant clients and every write to the `Store`."""
+
+    def __init__(self, store: Store, metrics: ExporterMetrics | None = None,
+                 clock: Callable[[], float] = time.time,
+                 client_factory: Callable[..., ExlogareClient] = ExlogareClient) -> None:
+        self.store = store
+        self._metrics = metrics
+        self._clock = clock
+        self._client_factory = client_factory
+        self._tenants: dict[str, _Tenant] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._scheduler: BackgroundScheduler | None = None
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+        self.concurrency = 1
+
+    # --- configuration -------------------------------------------------------------------------------------
+
+    def apply(self, config: Config) -> None:
+        """Adopt a (new) config: add, replace or drop tenants, keeping the data of unchanged ones."""
+        with self._lock:
+            if self._scheduler is not None and config.concurrency != self.concurrency:
+                log.warning("concurrency changes from %d to %d at the next restart, not on reload",
+                            self.concurrency, config.concurrency)
+            else:
+                self.concurrency = config.concurrency
+            wanted = {t.name: t for t in config.tenants}
+            for name in [n for n in self._tenants if n not in wanted]:
+                self._drop(name)
+            changed = []
+            for name, cfg in wanted.items():
+                old = self._tenants.get(name)
+                if old is not None and old.config == cfg:
+                    continue
+                if old is not None:
+                    old.client.close()
+                    self._reset_state(old.config, cfg)
+                on_response = self._metrics.on_response(name) if self._metrics else None
+                self._tenants[name] = _Tenant(cfg, self._client_factory(cfg, on_response=on_response))
+                changed.append(name)
+            self.store.retain(set(wanted))
+            if self._scheduler is not None:
+                for index, name in enumerate(changed):
+                    self._schedule(name, index, len(changed))
+
+    def _drop(self, name: str) -> None:
+        tenant = self._tenants.pop(name)
+        tenant.client.close()
+        if self._scheduler is not None and self._scheduler.get_job(name):
+            self._scheduler.remove_job(name)
+        if self._metrics:
+            self._metrics.forget_tenant(name)
+        log.info("tenant %s: removed from the configuration", name, extra={"tenant": name})
+
+    def _reset_state(self, old: TenantConfig, new: TenantConfig) -> None:
+        state = self.store.get(new.name)
+        if state is None:
+            return
+        keys = {c.key for c in plan_calls(new, date.today())}
+        kept = {} if _data_changed(old, new) else {k: v for k, v in state.results.items() if k in keys}
+        self.store.put(replace(state, results=MappingProxyType(kept), max_staleness=new.max_staleness))
+
+    # --- scheduling ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the scheduler; every tenant's first refresh starts at once, a step apart."""
+        self._scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=self.concurrency)}, timezone=UTC)
+        with self._lock:
+            names = list(self._tenants)
+            for index, name in enumerate(names):
+                self._schedule(name, index, len(names))
+        self._scheduler.start()
+
+    def _schedule(self, name: str, index: int, count: int) -> None:
+        assert self._scheduler is not None
+        cfg = self._tenants[name].config
+        step = min(STAGGER_STEP, cfg.interval / max(count, 1))
+        first = datetime.now(UTC) + timedelta(seconds=index * step)
+        trigger = IntervalTrigger(seconds=cfg.interval, start_date=first, jitter=cfg.jitter or None,
+                                  timezone=UTC)
+        self._scheduler.add_job(
+            self._job, trigger, args=[name], id=name, name=f"refresh {name}", replace_existing=True,
+            next_run_time=first, coalesce=True, max_instances=1, misfire_grace_time=int(cfg.interval))
+
+    def next_run(self, name: str) -> float | None:
+        job = self._scheduler.get_job(name) if self._scheduler else None
+        return job.next_run_time.timestamp() if job and job.next_run_time else None
+
+    def stop(self, wait: float = 5.0) -> bool:
+        """Stop scheduling and let running refreshes end at their next request; True if all ended in time."""
+        self._stopping.set()
+        if self._scheduler is not None and self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        deadline = time.monotonic() + wait
+        while self._busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._lock:
+            for tenant in self._tenants.values():
+                tenant.client.close()
+        return not self._busy
+
+    # --- refreshing ----------------------------------------------------------------------------------------
+
+    def _job(self, name: str) -> None:
+        """The scheduled entry point: a refresh must never raise into the scheduler."""
+        with self._busy_lock:
+            self._busy += 1
+        try:
+            self.refresh(name)
+        except Exception:
+            log.exception("tenant %s: refresh crashed", name, extra={"tenant": name})
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+
+    def refresh_all(self) -> list[TenantState]:
+        """Refresh every tenant once, `concurrency` at a time (for `--once` and tests)."""
+        with FuturesPool(max_workers=self.concurrency) as pool:
+            return [s for s in pool.map(self.refresh, list(self._tenants)) if s is not None]
+
+    def refresh(self, name: str) -> TenantState | None:
+        tenant = self._tenants.get(name)
+        if tenant is None:
+            return None
+        cfg = tenant.config
+        prev = self.store.get(name) or TenantState(name=name, max_staleness=cfg.max_staleness)
+        started, wall = time.monotonic(), self._clock()
+        calls = plan_calls(cfg, datetime.fromtimestamp(wall, UTC).date())
+        results = {k: v for k, v in prev.results.items() if k in {c.key for c in calls}}
+        error: UpstreamError | None = None
+        for call in calls:
+            if self._stopping.is_set():
+                return None
+            try:
+                results[call.key] = Fetched(tenant.client.get(call.endpoint, dict(call.params), call.parse),
+                                            self._clock())
+            except UpstreamError as exc:
+                error = error or exc
+                if not isinstance(exc, (BadRequest, InvalidBody)):
+                    break  # auth, rate limit, transport or server trouble: the rest would fare the same
+        state = replace(
+            prev, results=MappingProxyType(results), attempts=prev.attempts + 1, up=error is None,
+            last_attempt=wall, last_success=wall if error is None else prev.last_success,
+            last_duration=time.monotonic() - started, last_error=str(error) if error else None,
+            error_code=error.code if error else None, max_staleness=cfg.max_staleness)
+        with self._lock:
+            if self._tenants.get(name) is not tenant:
+                return None  # reconfigured while we were fetching: this answer describes the old config
+            self.store.put(state)
+        _log_transition(prev, state)
+        return state
+
+
+def _log_transition(prev: TenantState, new: TenantState) -> None:
+    """Log health changes once, not every cycle."""
+    extra = {"tenant": new.name}
+    if new.up and (prev.attempts == 0 or not prev.up):
+        log.info("tenant %s: refresh %s in %.2fs", new.name,
+                 "succeeded" if prev.attempts == 0 else "recovered", new.last_duration or 0.0, extra=extra)
+    elif not new.up and (prev.up or prev.attempts == 0):
+        log.warning("tenant %s: refresh failing: %s", new.name, new.last_error, extra=extra)
+    elif not new.up and new.error_code != prev.error_code:
+        log.warning("tenant %s: still failing, now: %s", new.name, new.last_error, extra=extra)

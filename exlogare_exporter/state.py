@@ -1,0 +1,68 @@
+"""Per-tenant results, immutable and swapped in whole, so a scrape never sees half a refresh."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+# A result key is (endpoint kind, window label); the timeseries has one window: "".
+ResultKey = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One endpoint's last good value and when it arrived (wall clock, for staleness)."""
+
+    value: Any
+    at: float
+
+
+@dataclass(frozen=True)
+class TenantState:
+    """Everything the exporter knows about one tenant after its latest refresh attempt."""
+
+    name: str
+    max_staleness: float
+    results: Mapping[ResultKey, Fetched] = field(default_factory=lambda: MappingProxyType({}))
+    attempts: int = 0
+    up: bool = False
+    last_attempt: float | None = None
+    last_success: float | None = None
+    last_duration: float | None = None
+    last_error: str | None = None
+    error_code: str | None = None
+
+    def fresh_results(self, now: float) -> list[tuple[ResultKey, Fetched]]:
+        """Results young enough to export; older ones are dropped rather than shown as current."""
+        return [(k, f) for k, f in self.results.items() if now - f.at <= self.max_staleness]
+
+
+class Store:
+    """Copy-on-write map of tenant name to `TenantState`: writers swap, readers take a reference."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._states: Mapping[str, TenantState] = MappingProxyType({})
+        self.version = 0
+
+    def snapshot(self) -> Mapping[str, TenantState]:
+        return self._states
+
+    def get(self, name: str) -> TenantState | None:
+        return self._states.get(name)
+
+    def put(self, state: TenantState) -> None:
+        with self._lock:
+            self._replace({**self._states, state.name: state})
+
+    def retain(self, names: set[str]) -> None:
+        """Forget tenants no longer configured, so their series vanish with them."""
+        with self._lock:
+            self._replace({n: s for n, s in self._states.items() if n in names})
+
+    def _replace(self, states: dict[str, TenantState]) -> None:
+        self._states = MappingProxyType(states)
+        self.version += 1
