@@ -1,0 +1,134 @@
+"""Query validation with the server's error shapes: FastAPI's 422 lists and plain 400 details.
+
+Like FastAPI, every parameter is checked and all 422 errors are reported together; the last value of a
+repeated parameter wins; unknown parameters are ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from .data import to_us
+
+_INT = re.compile(r"[+-]?\d+")
+_NUMBER = re.compile(r"[+-]?\d+(\.\d+)?")
+
+
+class ApiError(Exception):
+    """An error answer of the read API: `status` and the JSON `body` the server sends."""
+
+    def __init__(self, status: int, detail: Any, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(f"{status}: {detail}")
+        self.status = status
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+    @property
+    def body(self) -> dict[str, Any]:
+        return {"detail": self.detail}
+
+
+def bad_request(detail: str) -> ApiError:
+    return ApiError(400, detail)
+
+
+def _issue(where: str, name: str, kind: str, msg: str, *, value: str, ctx: dict[str, Any] | None = None
+           ) -> dict[str, Any]:
+    item: dict[str, Any] = {"type": kind, "loc": [where, name], "msg": msg, "input": value}
+    if ctx:
+        item["ctx"] = ctx
+    return item
+
+
+class Query:
+    """Reads typed parameters from a query, collecting 422 issues until `check()`."""
+
+    def __init__(self, query: Mapping[str, str]) -> None:
+        self._query = query
+        self.issues: list[dict[str, Any]] = []
+
+    def integer(self, name: str, default: int, ge: int, le: int) -> int:
+        raw = self._query.get(name)
+        if raw is None:
+            return default
+        if not _INT.fullmatch(raw.strip()):
+            self.issues.append(_issue("query", name, "int_parsing",
+                                      "Input should be a valid integer, unable to parse string as an integer",
+                                      value=raw))
+            return default
+        value = int(raw)
+        if value < ge:
+            self.issues.append(_issue("query", name, "greater_than_equal",
+                                      f"Input should be greater than or equal to {ge}",
+                                      value=raw, ctx={"ge": ge}))
+        elif value > le:
+            self.issues.append(_issue("query", name, "less_than_equal",
+                                      f"Input should be less than or equal to {le}",
+                                      value=raw, ctx={"le": le}))
+        return value
+
+    def datetime_us(self, name: str) -> int | None:
+        raw = self._query.get(name)
+        if raw is None:
+            return None
+        us = parse_datetime_us(raw)
+        if us is None:
+            self.issues.append(_issue("query", name, "datetime_from_date_parsing",
+                                      "Input should be a valid datetime or date, invalid format", value=raw))
+        return us
+
+    def text(self, name: str) -> str | None:
+        return self._query.get(name)
+
+    def check(self) -> None:
+        if self.issues:
+            raise ApiError(422, self.issues)
+
+
+def parse_datetime_us(raw: str) -> int | None:
+    """ISO 8601 with `Z`, an offset or none (naive is UTC), with or without fraction; or Unix seconds."""
+    text = raw.strip()
+    if _NUMBER.fullmatch(text):
+        try:
+            return to_us(datetime.fromtimestamp(float(text), tz=UTC))
+        except (OverflowError, OSError, ValueError):
+            return None
+    try:
+        return to_us(datetime.fromisoformat(text))
+    except (ValueError, OverflowError):
+        return None
+
+
+def parse_uuid(raw: str, name: str = "analysis_id") -> str:
+    """The canonical lower-case form, or a 422 like FastAPI's for a `UUID` path parameter."""
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise ApiError(422, [_issue("path", name, "uuid_parsing",
+                                    "Input should be a valid UUID, unable to parse string as a UUID",
+                                    value=raw)]) from None
+
+
+def encode_cursor(us: int, item_id: str) -> str:
+    raw = json.dumps({"t": us, "id": item_id}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[int, str]:
+    """The keyset (created_at in µs, id) of the last item of the previous page."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        obj = json.loads(raw)
+        us, item_id = obj["t"], obj["id"]
+        if not isinstance(us, int) or isinstance(us, bool) or not isinstance(item_id, str):
+            raise ValueError(cursor)
+        return us, str(uuid.UUID(item_id))
+    except (binascii.Error, ValueError, TypeError, KeyError, UnicodeDecodeError):
+        raise bad_request("Invalid cursor") from None
