@@ -55,7 +55,6 @@ _LABELS = {
     "/stats/top-root-causes": "top_root_causes",
     "/analyses": "analyses",
 }
-_API_TOKEN_401 = {"Missing token", "Invalid or revoked API token"}
 _SCOPE = re.compile(r"missing scope:?\s*([\w.:-]+)", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
