@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import requests
-from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError, ResponseError
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 from urllib3.util.retry import Retry
 
-from . import __version__
+from . import __version__, deadline
+from .deadline import DeadlineAdapter
 from .parse import ShapeError
 from .secrets import Secret
 
@@ -187,6 +187,7 @@ class RetryHooks:
     sleep: Callable[[float], None] = time.sleep
     retry_after_cap: float = RETRY_AFTER_CAP
     wall_clock: Callable[[], float] = time.time  # for Retry-After given as an HTTP date
+    on_pause: Callable[[float], None] = lambda seconds: None  # a Retry-After this attempt will sleep through
 
 
 class ExlogareRetry(Retry):
@@ -218,6 +219,10 @@ class ExlogareRetry(Retry):
                 reason = ResponseError(f"Retry-After of {delay:.0f}s is over the {cap:.0f}s cap")
                 raise MaxRetryError(_pool, url or "", reason)  # type: ignore[arg-type]
         new = super().increment(method, url, response, error, _pool, _stacktrace)
+        if self.hooks is not None and response is not None and response.status in (429, 503):
+            pause = self._retry_after(response)
+            if pause:  # the client's other threads must not ask while this one waits
+                self.hooks.on_pause(pause)
         if self.hooks is not None:  # only reached when another attempt follows; the client reports the last
             self.hooks.on_retry(str(response.status) if error is None and response is not None
                                 else transport_code(error))
@@ -359,6 +364,8 @@ class ExlogareClient:
         self._timeout = (tenant.connect_timeout, tenant.timeout)
         self._verify: str | bool = str(tenant.ca_file) if tenant.ca_file else True
         self._max_bytes: int = tenant.max_response_bytes
+        # connect + read timeout, from request to last byte: a trickling upstream cannot hold a refresh longer
+        self._attempt_budget = tenant.connect_timeout + tenant.timeout
         self._on_response = on_response
         self._clock = clock
         if limiter is None and tenant.max_requests_per_second > 0:
@@ -373,11 +380,12 @@ class ExlogareClient:
             allowed_methods=frozenset({"GET"}), status_forcelist=RETRY_STATUSES,
             backoff_factor=BACKOFF_FACTOR, backoff_jitter=BACKOFF_JITTER, backoff_max=BACKOFF_MAX,
             raise_on_status=False, respect_retry_after_header=True,
-            hooks=RetryHooks(on_retry=self._on_retry, before_retry=self._wait_for_limiter, sleep=sleep),
+            hooks=RetryHooks(on_retry=self._on_retry, before_retry=self._wait_for_limiter, sleep=sleep,
+                             on_pause=self._block_for),
         )
         self._session = requests.Session()
         self._session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
-        adapter = HTTPAdapter(max_retries=retry)
+        adapter = DeadlineAdapter(max_retries=retry)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
 
@@ -395,23 +403,13 @@ class ExlogareClient:
             self._wait_for_limiter()
             self._raise_if_blocked(endpoint)
         self._local.label = label
+        deadline.begin(self._attempt_budget)
         try:
-            response = self._session.get(
-                self._base + endpoint, params=params, auth=self._auth, timeout=self._timeout,
-                verify=self._verify, allow_redirects=False, stream=True,
-            )
-        except requests.RequestException as exc:
-            raise self._failed(label, self._transport_error(endpoint, exc)) from None
-        with response:
-            status = response.status_code
-            ok = 200 <= status < 300
-            try:
-                body, complete = self._read_body(response, ok)
-            except requests.exceptions.ContentDecodingError:
-                error = self._invalid(endpoint, status, "the body could not be decompressed")
-                raise self._failed(label, error) from None
-            except requests.RequestException as exc:
-                raise self._failed(label, self._transport_error(endpoint, exc)) from None
+            response, body, complete = self._fetch(endpoint, params, label)
+        finally:
+            deadline.end()
+        status = response.status_code
+        ok = 200 <= status < 300
         if 300 <= status < 400:
             raise self._failed(label, self._redirect_error(endpoint, response))
         if not ok:
@@ -431,6 +429,30 @@ class ExlogareClient:
         return value
 
     # --- helpers for get() ---
+
+    def _fetch(self, endpoint: str, params: dict[str, Any],
+               label: str) -> tuple[requests.Response, bytes, bool]:
+        """Send the request and read the (capped) body; each attempt within its `deadline` budget."""
+        try:
+            response = self._session.get(
+                self._base + endpoint, params=params, auth=self._auth, timeout=self._timeout,
+                verify=self._verify, allow_redirects=False, stream=True,
+            )
+        except requests.RequestException as exc:
+            raise self._failed(label, self._transport_error(endpoint, exc)) from None
+        with response:
+            try:
+                body, complete = self._read_body(response, 200 <= response.status_code < 300)
+            except requests.exceptions.ContentDecodingError:
+                if deadline.expired():
+                    raise self._failed(label, self._transport_error(endpoint, None)) from None
+                error = self._invalid(endpoint, response.status_code, "the body could not be decompressed")
+                raise self._failed(label, error) from None
+            except requests.RequestException as exc:
+                raise self._failed(label, self._transport_error(endpoint, exc)) from None
+        if deadline.expired():  # a body without Content-Length just ends when the socket is shut
+            raise self._failed(label, self._transport_error(endpoint, None))
+        return response, body, complete
 
     def _report(self, label: str, code: str) -> None:
         if self._on_response is not None:
@@ -491,7 +513,10 @@ class ExlogareClient:
         reason = "" if kind == "an HTML page" else f" ({_clean(str(exc), 80)})"
         return self._invalid(endpoint, response.status_code, f"{kind}{reason}, expected JSON: {excerpt!r}")
 
-    def _transport_error(self, endpoint: str, exc: requests.RequestException) -> TransportError:
+    def _transport_error(self, endpoint: str, exc: requests.RequestException | None) -> TransportError:
+        if exc is None or deadline.expired():
+            return TransportError(self._name, endpoint, "timeout",
+                                  f"the answer did not complete within {self._attempt_budget:g}s")
         code = transport_code(exc)
         causes = _causes(exc)
         if code == "timeout":

@@ -126,6 +126,34 @@ class TenantConfig:
     label_max_length: int
     max_response_bytes: int
     max_requests_per_second: float
+    analyses_interval: float = 30.0  # 0: the /analyses stream is off for this tenant
+    analyses_lookback: float = 0.0
+    analyses_max_pages: int = 20
+    analyses_labels: tuple[str, ...] = ()  # a subset of ANALYSES_LABELS, in that order
+    max_label_values: int = 50
+
+
+@dataclass(frozen=True)
+class ProxyClient:
+    """A client of the Grafana datasource proxy: its own token, and the tenants it may read."""
+
+    name: str
+    token: Secret
+    token_source: TokenSource
+    tenants: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The `proxy:` section; durations in seconds, sizes in bytes, client tokens read."""
+
+    enabled: bool = False
+    cache_ttl: float = 30.0
+    cache_stale_ttl: float = 600.0
+    cache_max_entries: int = 1000
+    cache_max_bytes: int = 64 * 1024**2
+    max_items: int = 10_000
+    clients: tuple[ProxyClient, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -138,6 +166,7 @@ class Config:
     tenants: tuple[TenantConfig, ...]
     warnings: tuple[str, ...] = ()
     source: str | None = None
+    proxy: ProxyConfig = ProxyConfig()
 
 
 # --- scalar parsers (pure; ValueError carries the reason) ---------------------------------------------------
@@ -286,6 +315,38 @@ def _rate(value: Any, path: str, ctx: _Context) -> float:
     return float(value)
 
 
+def _analyses_interval(value: Any, path: str, ctx: _Context) -> float:
+    seconds = _duration()(value, path, ctx)
+    if 0 < seconds < 1:
+        raise ConfigError(path, f"{_fmt_seconds(seconds)} is under 1s; use 0 to turn the stream off, "
+                                "or 1s or more")
+    return seconds
+
+
+def _analyses_lookback(value: Any, path: str, ctx: _Context) -> float:
+    seconds = _duration()(value, path, ctx)
+    if seconds > MAX_LOOKBACK_SECONDS:
+        raise ConfigError(path, f"{_fmt_seconds(seconds)} is over 365 days (8760h), the longest lookback")
+    return seconds
+
+
+ANALYSES_LABELS = ("project", "source")
+MAX_LOOKBACK_SECONDS = 365 * 86400.0
+
+
+def _analyses_labels(value: Any, path: str, ctx: _Context) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(path, f"must be a list such as [project] or [project, source], got {_kind(value)}")
+    for index, item in enumerate(value):
+        if item not in ANALYSES_LABELS:
+            shown = repr(item) if isinstance(item, str) else _kind(item)
+            raise ConfigError(f"{path}[{index}]", f"{shown} is not an optional label; "
+                                                  f"choose from {', '.join(ANALYSES_LABELS)}")
+        if value.index(item) != index:
+            raise ConfigError(f"{path}[{index}]", f"{item} is listed twice")
+    return tuple(label for label in ANALYSES_LABELS if label in value)
+
+
 def _window(value: Any, path: str, max_days: int, accepted_by: str) -> Window:
     if isinstance(value, int) and not isinstance(value, bool):
         days = value
@@ -392,6 +453,7 @@ _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 def _tenant_name(value: Any, path: str, ctx: _Context) -> str:
     name = _string(value, path)
+    _not_a_token(name, path, "a tenant name")
     if not _TENANT_NAME.fullmatch(name):
         # Names become label values and URL path segments, hence the strict alphabet.
         raise ConfigError(path, f"{name!r} is not a valid tenant name; use 1 to 63 letters, digits, "
@@ -480,6 +542,11 @@ INHERITED_KEYS: dict[str, Key] = {
     "label_max_length": Key(_int(16, 1024), 120),
     "max_response_bytes": Key(_size(1024, 1024**3), 10 * 1024**2),
     "max_requests_per_second": Key(_rate, 0.0),
+    "analyses_interval": Key(_analyses_interval, 30.0),
+    "analyses_lookback": Key(_analyses_lookback, 0.0),
+    "analyses_max_pages": Key(_int(1, 1000), 20),
+    "analyses_labels": Key(_analyses_labels, ()),
+    "max_label_values": Key(_int(1, 10000), 50),
 }
 
 # Keys only a tenant entry may hold.
@@ -497,6 +564,7 @@ TOP_LEVEL_KEYS: dict[str, Key] = {
     "concurrency": Key(_int(1, 256), 8),
     "defaults": Key(_mapping, {}),
     "tenants": Key(_tenant_list, missing="is required; list at least one tenant with a name and a token"),
+    "proxy": Key(_mapping, {}),
 }
 
 
@@ -636,6 +704,12 @@ def _token_warnings(tenant_path: str, source: TokenSource, key_path: str, token:
     if not token.reveal().startswith(TOKEN_PREFIX):
         warnings.append(f"{tenant_path}: the token does not start with {TOKEN_PREFIX}; "
                         "Exlogare read tokens do")
+    return warnings + _source_warnings(source, key_path, warn_inline)
+
+
+def _source_warnings(source: TokenSource, key_path: str, warn_inline: bool) -> list[str]:
+    """Where a token is kept: inline in the config file, or in a file others can read."""
+    warnings = []
     if source.kind == "inline" and warn_inline:
         warnings.append(f"{key_path}: inline tokens are discouraged; use token_env or token_file so the "
                         "token stays out of the config file")
@@ -660,6 +734,109 @@ def _tenant(raw: Any, tenant_path: str, defaults: _Parsed, ctx: _Context,
     token = source.read(key_path, ctx.environ)
     tenant = TenantConfig(name=own["name"][0], token=token, token_source=source, **values)
     return tenant, _token_warnings(tenant_path, source, key_path, token, warn_inline)
+
+
+# --- the Grafana datasource proxy ---------------------------------------------------------------------------
+
+PROXY_TOKEN_MIN_CHARS = 16
+
+
+def _client_name(value: Any, path: str, ctx: _Context) -> str:
+    name = _string(value, path)
+    if not _TENANT_NAME.fullmatch(name):
+        raise ConfigError(path, f"{name!r} is not a valid client name; use 1 to 63 letters, digits, "
+                                "_ . or -, starting with a letter or digit")
+    return name
+
+
+def _name_list(value: Any, path: str, ctx: _Context) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(path, f"must be a list of tenant names such as [acme], got {_kind(value)}")
+    if not value:
+        raise ConfigError(path, "is empty; list the tenants this client may read")
+    names = [_tenant_name(item, f"{path}[{index}]", ctx) for index, item in enumerate(value)]
+    for index, name in enumerate(names):
+        if names.index(name) != index:
+            raise ConfigError(f"{path}[{index}]", f"{name} is listed twice")
+    return tuple(names)
+
+
+def _client_list(value: Any, path: str, ctx: _Context) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(path, "must be a list of clients (each a name, a token source and tenants), "
+                                f"got {_kind(value)}")
+    return value
+
+
+PROXY_KEYS: dict[str, Key] = {
+    "enabled": Key(_bool, False),
+    "cache_ttl": Key(_duration(), 30.0),
+    "cache_stale_ttl": Key(_duration(), 600.0),
+    "cache_max_entries": Key(_int(1, 1_000_000), 1000),
+    "cache_max_bytes": Key(_size(1024, 64 * 1024**3), 64 * 1024**2),
+    "max_items": Key(_int(1, 1_000_000), 10_000),
+    "clients": Key(_client_list, []),
+}
+PROXY_CLIENT_KEYS: dict[str, Key] = {
+    "name": Key(_client_name, missing="is required; every proxy client needs a name (it is shown in logs)"),
+    "token_env": Key(_token_env, None),
+    "token_file": Key(_token_file, None),
+    "token": Key(_inline_token, None),
+    "tenants": Key(_name_list, missing="is required; list the tenants this client may read"),
+}
+
+
+def _proxy_client(raw: Any, path: str, tenants: Mapping[str, int], ctx: _Context,
+                  warn_inline: bool) -> tuple[ProxyClient, list[str]]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(path, "must be a mapping with a name, a token source and tenants, "
+                                f"got {_kind(raw)}")
+    own = _parse_section(raw, path, PROXY_CLIENT_KEYS, ctx)
+    for index, name in enumerate(own["tenants"][0]):
+        if name not in tenants:
+            raise ConfigError(f"{path}.tenants[{index}]", f"{name} is not a configured tenant; the tenants "
+                                                          f"are {', '.join(tenants)}")
+    source, key_path = _token_source(own, path)
+    token = source.read(key_path, ctx.environ)
+    warnings = _source_warnings(source, key_path, warn_inline)
+    if len(token.reveal()) < PROXY_TOKEN_MIN_CHARS:
+        warnings.append(f"{key_path}: the token is shorter than {PROXY_TOKEN_MIN_CHARS} characters; use a "
+                        "long random one (e.g. openssl rand -hex 32)")
+    if token.reveal().startswith(TOKEN_PREFIX):
+        warnings.append(f"{key_path}: the token starts with {TOKEN_PREFIX} like an Exlogare token; a proxy "
+                        "client's token is a secret of your own, not an Exlogare token")
+    client = ProxyClient(name=own["name"][0], token=token, token_source=source, tenants=own["tenants"][0])
+    return client, warnings
+
+
+def _proxy(raw: Mapping[Any, Any], tenants: Mapping[str, int], ctx: _Context,
+           warn_inline: bool) -> tuple[ProxyConfig, list[str]]:
+    """The `proxy:` section; client tenant lists must name configured tenants."""
+    own = _parse_section(raw, "proxy", PROXY_KEYS, ctx)
+    values = {key: own[key][0] if key in own else spec.default for key, spec in PROXY_KEYS.items()}
+    if "cache_stale_ttl" not in own:  # the default window, 10m, grows with a longer cache_ttl
+        values["cache_stale_ttl"] = max(values["cache_stale_ttl"], values["cache_ttl"])
+    elif 0 < values["cache_stale_ttl"] < values["cache_ttl"]:
+        raise ConfigError(own["cache_stale_ttl"][1], f"{_fmt_seconds(values['cache_stale_ttl'])} is shorter "
+                          f"than cache_ttl ({_fmt_seconds(values['cache_ttl'])}); use 0 to never serve "
+                          "stale answers, or at least cache_ttl")
+    clients: list[ProxyClient] = []
+    warnings: list[str] = []
+    for index, item in enumerate(values.pop("clients")):
+        path = f"proxy.clients[{index}]"
+        client, client_warnings = _proxy_client(item, path, tenants, ctx, warn_inline)
+        for other_index, other in enumerate(clients):
+            if other.name == client.name:
+                raise ConfigError(f"{path}.name", f"{client.name} is already the name of proxy.clients"
+                                                  f"[{other_index}]; client names must be unique")
+            if other.token == client.token:
+                raise ConfigError(f"{path}.{client.token_source.key}", f"the same token as proxy.clients"
+                                  f"[{other_index}]; give each client its own token")
+        clients.append(client)
+        warnings.extend(client_warnings)
+    if values["enabled"] and not clients:
+        raise ConfigError("proxy.clients", "is empty; with enabled: true the proxy needs at least one client")
+    return ProxyConfig(**values, clients=tuple(clients)), warnings
 
 
 # --- entry points -------------------------------------------------------------------------------------------
@@ -692,9 +869,11 @@ def _build(data: Any, environ: Mapping[str, str] | None, base_dir: str | os.Path
         names[tenant.name] = index
         tenants.append(tenant)
         warnings.extend(tenant_warnings)
+    proxy, proxy_warnings = _proxy(top["proxy"], names, ctx, warn_inline)
+    warnings.extend(proxy_warnings)
     listen_host, listen_port = top["listen_address"]
     return Config(listen_host=listen_host, listen_port=listen_port, concurrency=top["concurrency"],
-                  tenants=tuple(tenants), warnings=tuple(warnings), source=source)
+                  tenants=tuple(tenants), warnings=tuple(warnings), source=source, proxy=proxy)
 
 
 def parse_config(data: Any, environ: Mapping[str, str] | None = None,
@@ -714,23 +893,28 @@ def _yaml_reason(exc: yaml.MarkedYAMLError) -> str:
     return reason
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Read and validate a YAML file; relative `token_file`/`ca_file` paths resolve against its directory."""
-    name = os.fspath(path)
+def read_yaml(name: str, what: str = "configuration file") -> Any:
+    """The decoded YAML of a file, or a `ConfigError` naming the file (and the line, for a syntax error)."""
     try:
         with open(name, encoding="utf-8") as handle:
             text = handle.read()
     except OSError as exc:
-        raise ConfigError(name, f"cannot read the configuration file: {exc.strerror or 'error'}") from None
+        raise ConfigError(name, f"cannot read the {what}: {exc.strerror or 'error'}") from None
     except UnicodeDecodeError:
-        raise ConfigError(name, "the configuration file is not UTF-8 text") from None
+        raise ConfigError(name, f"the {what} is not UTF-8 text") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         # Only positions and the parser's words: the YAML snippet it would quote could hold a token.
         raise ConfigError(name, _yaml_reason(exc)) from None
     except yaml.YAMLError:
         raise ConfigError(name, "invalid YAML") from None
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML file; relative `token_file`/`ca_file` paths resolve against its directory."""
+    name = os.fspath(path)
+    data = read_yaml(name)
     return parse_config(data, environ, os.path.dirname(os.path.abspath(name)), source=name)
 
 

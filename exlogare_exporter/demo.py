@@ -9,6 +9,7 @@ from .simulator import Arrivals, Simulator, SimulatorServer, demo_simulator
 
 ARRIVALS_PER_MINUTE = 6.0  # per busy tenant, so the numbers visibly move between refreshes
 DEMO_INTERVAL = "15s"
+DEMO_ANALYSES_INTERVAL = "5s"  # the live RCA counters tick along with the arrivals
 
 
 @dataclass
@@ -32,5 +33,5 @@ def start_demo(listen: str, seed: int = 1) -> Demo:
     arrivals = Arrivals(sim, ARRIVALS_PER_MINUTE, tenants=[t for t in tenants if t != "quiet"],
                         seed=seed).start()
     config = demo_config(server.url, {t: sim.token(t) for t in tenants}, listen,
-                         defaults={"interval": DEMO_INTERVAL})
+                         defaults={"interval": DEMO_INTERVAL, "analyses_interval": DEMO_ANALYSES_INTERVAL})
     return Demo(sim, server, arrivals, config, tenants)

@@ -6,14 +6,16 @@ import time
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.metrics import disable_created_metrics
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.samples import Sample
 
 from . import __version__
 from .parse import Overview, TopProject
 from .state import Store, TenantState
+from .stream import TenantStream
 
 SCHEDULED = "Refreshed from the Exlogare API on a schedule, not at scrape time."
 
@@ -125,13 +127,68 @@ class ExlogareCollector:
         return [*families.all(), build]
 
 
+def stream_families(streams: Iterable[TenantStream]) -> list[Metric]:
+    """The RCA stream's families: counters, confidence histogram, newest RCA and the stream's health."""
+    total = CounterMetricFamily(
+        "exlogare_analyses", "RCAs that arrived since the exporter started, each counted once, by severity "
+        "(and project or source when analyses_labels asks); from the /analyses stream.")
+    confidence = HistogramMetricFamily(
+        "exlogare_analysis_confidence", "Confidence of the RCAs counted in exlogare_analyses_total.",
+        labels=["tenant", "severity"])
+    latest = GaugeMetricFamily(
+        "exlogare_latest_analysis_timestamp_seconds", "created_at of the newest RCA the stream has seen.",
+        labels=["tenant"])
+    up = GaugeMetricFamily(
+        "exlogare_analyses_stream_up", "1 when the tenant's last /analyses walk succeeded, else 0.",
+        labels=["tenant"])
+    last_success = GaugeMetricFamily(
+        "exlogare_analyses_last_walk_success_timestamp_seconds",
+        "Unix time of the tenant's last successful /analyses walk.", labels=["tenant"])
+    catching_up = GaugeMetricFamily(
+        "exlogare_analyses_catching_up",
+        "1 while a backlog larger than analyses_max_pages pages is being walked over several cycles.",
+        labels=["tenant"])
+    for stream in streams:
+        name, counts = stream.name, stream.counts
+        label_names = ("tenant", "severity", *counts.labels)
+        for key, value in sorted(counts.totals.items()):
+            total.samples.append(Sample("exlogare_analyses_total", dict(zip(label_names, (name, *key),
+                                                                            strict=True)), float(value)))
+        for severity, histogram in counts.confidence.items():
+            confidence.add_metric([name, severity], histogram.cumulative(), histogram.total)
+        newest = stream.state.newest
+        if newest is not None:
+            latest.add_metric([name], newest.timestamp())
+        up.add_metric([name], 1.0 if stream.up else 0.0)
+        if stream.last_success is not None:
+            last_success.add_metric([name], stream.last_success)
+        catching_up.add_metric([name], 1.0 if stream.catching_up else 0.0)
+    return [total, confidence, latest, up, last_success, catching_up]
+
+
+class StreamCollector:
+    """The RCA stream's series from the stream store's snapshot; never calls the upstream."""
+
+    def __init__(self, streams: Store[TenantStream]) -> None:
+        self._streams = streams
+
+    def describe(self) -> list[Metric]:
+        return stream_families(())
+
+    def collect(self) -> Iterable[Metric]:
+        return stream_families(self._streams.snapshot().values())
+
+
 class ExporterMetrics:
     """The private registry and the instruments the poller and the CLI update directly."""
 
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time,
+                 streams: Store[TenantStream] | None = None) -> None:
         disable_created_metrics()  # `_created` series would double the counters' cardinality for no use
         self.registry = CollectorRegistry()
         self.registry.register(ExlogareCollector(store, clock))
+        self.streams: Store[TenantStream] = streams if streams is not None else Store()
+        self.registry.register(StreamCollector(self.streams))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.upstream_requests = Counter(
@@ -139,6 +196,8 @@ class ExporterMetrics:
             "(status code, or timeout, connection, invalid_body); retries count one each.",
             ["tenant", "endpoint", "code"], registry=self.registry)
         self._request_labels: set[tuple[str, str, str]] = set()
+        # Also told of every upstream attempt, as (tenant, endpoint, code): the proxy counts its own share.
+        self.response_listeners: list[Callable[[str, str, str], None]] = []
         self.reload_ok = Gauge(
             "exlogare_config_last_reload_successful", "1 when the last configuration (re)load succeeded.",
             registry=self.registry)
@@ -151,6 +210,8 @@ class ExporterMetrics:
         def record(endpoint: str, code: str) -> None:
             self._request_labels.add((tenant, endpoint, code))
             self.upstream_requests.labels(tenant, endpoint, code).inc()
+            for listener in self.response_listeners:
+                listener(tenant, endpoint, code)
         return record
 
     def forget_tenant(self, tenant: str) -> None:

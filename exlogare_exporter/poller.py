@@ -17,11 +17,19 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from . import stream
 from .client import BadRequest, ExlogareClient, InvalidBody, UpstreamError
 from .config import Config, TenantConfig
 from .metrics import OVERVIEW, TIMESERIES, TOP_PROJECTS, TOP_ROOT_CAUSES, ExporterMetrics
-from .parse import parse_overview, parse_timeseries, parse_top_projects, parse_top_root_causes
+from .parse import (
+    parse_analyses_page,
+    parse_overview,
+    parse_timeseries,
+    parse_top_projects,
+    parse_top_root_causes,
+)
 from .state import Fetched, ResultKey, Store, TenantState
+from .stream import TenantStream
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,9 @@ class Poller:
                  clock: Callable[[], float] = time.time,
                  client_factory: Callable[..., ExlogareClient] = ExlogareClient) -> None:
         self.store = store
+        # The RCA stream's snapshots: a store of their own, so the stream and the stats refresh, running
+        # concurrently, never overwrite each other's result. The collector reads it from `metrics`.
+        self.streams: Store[TenantStream] = metrics.streams if metrics is not None else Store()
         self._metrics = metrics
         self._clock = clock
         self._client_factory = client_factory
@@ -105,10 +116,14 @@ class Poller:
                 if old is not None:
                     old.client.close()
                     self._reset_state(old.config, cfg)
+                if cfg.analyses_interval:
+                    data_changed = old is not None and _data_changed(old.config, cfg)
+                    self.streams.put(stream.adopt(self.streams.get(name), cfg, data_changed, self._clock()))
                 on_response = self._metrics.on_response(name) if self._metrics else None
                 self._tenants[name] = _Tenant(cfg, self._client_factory(cfg, on_response=on_response))
                 changed.append(name)
             self.store.retain(set(wanted))
+            self.streams.retain({name for name, cfg in wanted.items() if cfg.analyses_interval})
             if self._scheduler is not None:
                 for index, name in enumerate(changed):
                     self._schedule(name, index, len(changed))
@@ -116,8 +131,9 @@ class Poller:
     def _drop(self, name: str) -> None:
         tenant = self._tenants.pop(name)
         tenant.client.close()
-        if self._scheduler is not None and self._scheduler.get_job(name):
-            self._scheduler.remove_job(name)
+        for job_id in (name, _stream_job_id(name)):
+            if self._scheduler is not None and self._scheduler.get_job(job_id):
+                self._scheduler.remove_job(job_id)
         if self._metrics:
             self._metrics.forget_tenant(name)
         log.info("tenant %s: removed from the configuration", name, extra={"tenant": name})
@@ -152,6 +168,28 @@ class Poller:
         self._scheduler.add_job(
             self._job, trigger, args=[name], id=name, name=f"refresh {name}", replace_existing=True,
             next_run_time=first, coalesce=True, max_instances=1, misfire_grace_time=int(cfg.interval))
+        self._schedule_stream(cfg, first + timedelta(seconds=step / 2))
+
+    def _schedule_stream(self, cfg: TenantConfig, first: datetime) -> None:
+        """The tenant's /analyses walk: its own job on the same executor, or none when it is turned off."""
+        assert self._scheduler is not None
+        job_id = _stream_job_id(cfg.name)
+        if not cfg.analyses_interval:
+            if self._scheduler.get_job(job_id):
+                self._scheduler.remove_job(job_id)
+            return
+        interval = cfg.analyses_interval
+        jitter = min(cfg.jitter, 0.1 * interval)  # the stats jitter could be longer than a short interval
+        trigger = IntervalTrigger(seconds=interval, start_date=first, jitter=jitter or None, timezone=UTC)
+        self._scheduler.add_job(
+            self._job, trigger, args=[cfg.name, True], id=job_id, name=f"walk /analyses {cfg.name}",
+            replace_existing=True, next_run_time=first, coalesce=True, max_instances=1,
+            misfire_grace_time=max(1, int(interval)))
+
+    def client(self, name: str) -> ExlogareClient | None:
+        """The tenant's client, shared with the proxy so both count against one rate limit and Retry-After."""
+        tenant = self._tenants.get(name)
+        return tenant.client if tenant else None
 
     def next_run(self, name: str) -> float | None:
         job = self._scheduler.get_job(name) if self._scheduler else None
@@ -172,14 +210,18 @@ class Poller:
 
     # --- refreshing ----------------------------------------------------------------------------------------
 
-    def _job(self, name: str) -> None:
-        """The scheduled entry point: a refresh must never raise into the scheduler."""
+    def _job(self, name: str, walk: bool = False) -> None:
+        """The scheduled entry point (a refresh, or with `walk` the /analyses walk): never raises."""
         with self._busy_lock:
             self._busy += 1
         try:
-            self.refresh(name)
+            if walk:
+                self.walk_stream(name)
+            else:
+                self.refresh(name)
         except Exception:
-            log.exception("tenant %s: refresh crashed", name, extra={"tenant": name})
+            log.exception("tenant %s: %s crashed", name, "RCA stream walk" if walk else "refresh",
+                          extra={"tenant": name})
         finally:
             with self._busy_lock:
                 self._busy -= 1
@@ -188,6 +230,32 @@ class Poller:
         """Refresh every tenant once, `concurrency` at a time (for `--once` and tests)."""
         with FuturesPool(max_workers=self.concurrency) as pool:
             return [s for s in pool.map(self.refresh, list(self._tenants)) if s is not None]
+
+    def walk_all(self) -> list[TenantStream]:
+        """One /analyses walk for every tenant with the stream on (for `--once` and tests)."""
+        with FuturesPool(max_workers=self.concurrency) as pool:
+            return [s for s in pool.map(self.walk_stream, list(self._tenants)) if s is not None]
+
+    def walk_stream(self, name: str) -> TenantStream | None:
+        """One bounded walk of the tenant's /analyses; its counts and state are swapped in together."""
+        tenant = self._tenants.get(name)
+        prev = self.streams.get(name)
+        if tenant is None or prev is None:
+            return None
+        cfg = tenant.config
+        result = stream.walk(lambda params: tenant.client.get("/analyses", params, parse_analyses_page),
+                             prev.state, max_pages=cfg.analyses_max_pages, stopping=self._stopping.is_set)
+        if self._stopping.is_set():
+            return None
+        new = stream.record(prev, result, cfg, self._clock())
+        with self._lock:
+            if self._tenants.get(name) is not tenant or self.streams.get(name) is not prev:
+                # Reconfigured (or walked by someone else) meanwhile: nothing of this walk was committed,
+                # so dropping it loses nothing; the next walk starts from the committed state.
+                return None
+            self.streams.put(new)
+        stream.log_transition(prev, new)
+        return new
 
     def refresh(self, name: str) -> TenantState | None:
         tenant = self._tenants.get(name)
@@ -220,6 +288,10 @@ class Poller:
             self.store.put(state)
         _log_transition(prev, state)
         return state
+
+
+def _stream_job_id(name: str) -> str:
+    return f"{name}:analyses"
 
 
 def _log_transition(prev: TenantState, new: TenantState) -> None:

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 # A result key is (endpoint kind, window label); the timeseries has one window: "".
 ResultKey = tuple[str, str]
@@ -40,21 +40,30 @@ class TenantState:
         return [(k, f) for k, f in self.results.items() if now - f.at <= self.max_staleness]
 
 
-class Store:
-    """Copy-on-write map of tenant name to `TenantState`: writers swap, readers take a reference."""
+class Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+S = TypeVar("S", bound=Named)
+
+
+class Store(Generic[S]):
+    """Copy-on-write map of tenant name to a frozen per-tenant value (`TenantState` unless said otherwise):
+    writers swap, readers take a reference."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._states: Mapping[str, TenantState] = MappingProxyType({})
+        self._states: Mapping[str, S] = MappingProxyType({})
         self.version = 0
 
-    def snapshot(self) -> Mapping[str, TenantState]:
+    def snapshot(self) -> Mapping[str, S]:
         return self._states
 
-    def get(self, name: str) -> TenantState | None:
+    def get(self, name: str) -> S | None:
         return self._states.get(name)
 
-    def put(self, state: TenantState) -> None:
+    def put(self, state: S) -> None:
         with self._lock:
             self._replace({**self._states, state.name: state})
 
@@ -63,6 +72,6 @@ class Store:
         with self._lock:
             self._replace({n: s for n, s in self._states.items() if n in names})
 
-    def _replace(self, states: dict[str, TenantState]) -> None:
+    def _replace(self, states: dict[str, S]) -> None:
         self._states = MappingProxyType(states)
         self.version += 1

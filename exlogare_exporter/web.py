@@ -5,6 +5,10 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
+import shutil
+import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -17,6 +21,9 @@ from waitress import wasyncore
 
 from . import __version__
 from .state import Store, TenantState
+from .stream import TenantStream
+from .tlsfront import TLSFront
+from .webconfig import REALM, AccessControl
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +53,25 @@ class ExporterApp:
     """Routes `/metrics`, `/healthz`, `/readyz` and `/`; reads only the store, never the upstream."""
 
     def __init__(self, registry: CollectorRegistry, store: Store, tenants: Callable[[], list[str]],
-                 next_run: Callable[[str], float | None] = lambda name: None) -> None:
+                 next_run: Callable[[str], float | None] = lambda name: None,
+                 streams: Store[TenantStream] | None = None, *,
+                 access: AccessControl | None = None, proxy: WSGIApp | None = None) -> None:
         self._metrics = make_wsgi_app(registry)
+        self._access = access
+        self._proxy = proxy  # the Grafana datasource proxy under /proxy/ (its own auth and methods)
         self._store = store
+        self._streams: Store[TenantStream] = streams if streams is not None else Store()
         self._tenants = tenants
         self._next_run = next_run
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "") or "/"
+        if self._access is not None and not self._access.allows(path, environ.get("HTTP_AUTHORIZATION")):
+            return self._send(start_response, "401 Unauthorized", b"unauthorized\n",
+                              "text/plain; charset=utf-8",
+                              [("WWW-Authenticate", f'Basic realm="{REALM}", charset="UTF-8"')])
+        if self._proxy is not None and (path == "/proxy" or path.startswith("/proxy/")):
+            return self._proxy(environ, start_response)
         if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
             return self._send(start_response, "405 Method Not Allowed", b"method not allowed\n",
                               "text/plain; charset=utf-8", [("Allow", "GET, HEAD")])
@@ -78,7 +96,8 @@ class ExporterApp:
             "tenants": {
                 name: {"status": tenant_status(s),
                        "last_success": _iso(s.last_success) if s else "",
-                       "last_error": (s.last_error or "") if s else ""}
+                       "last_error": (s.last_error or "") if s else "",
+                       **self._stream_status(name)}
                 for name, s in rows
             },
         }
@@ -86,13 +105,25 @@ class ExporterApp:
         return self._send(start_response, status, json.dumps(body, indent=2).encode() + b"\n",
                           "application/json")
 
+    def _stream_status(self, name: str) -> dict[str, Any]:
+        """The RCA stream's part of a tenant's /readyz entry (absent when the stream is off).
+
+        It does not gate readiness: the counters are valid (at zero) before the first walk."""
+        stream = self._streams.snapshot().get(name)
+        if stream is None:
+            return {}
+        return {"analyses": {"status": stream.status, "last_success": _iso(stream.last_success),
+                             "last_error": stream.last_error or "", "catching_up": stream.catching_up}}
+
     def _landing(self) -> str:
         esc = html.escape
+        streams = self._streams.snapshot()
         rows = "".join(
             f"<tr><td>{esc(name)}</td><td>{esc(tenant_status(s))}</td>"
             f"<td>{esc(_iso(s.last_success) if s else '')}</td>"
             f"<td>{esc((s.last_error or '') if s else '')}</td>"
-            f"<td>{esc(_iso(self._next_run(name)))}</td></tr>"
+            f"<td>{esc(_iso(self._next_run(name)))}</td>"
+            f"<td>{esc(streams[name].status if name in streams else 'off')}</td></tr>"
             for name, s in self._tenant_rows())
         return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Exlogare exporter</title>
@@ -101,7 +132,7 @@ class ExporterApp:
 <p>Version {esc(__version__)}. <a href="metrics">Metrics</a> · <a href="readyz">Readiness</a> ·
 <a href="healthz">Health</a></p>
 <table><thead><tr><th>Tenant</th><th>Status</th><th>Last success (UTC)</th><th>Last error</th>
-<th>Next refresh (UTC)</th></tr></thead><tbody>{rows}</tbody></table>
+<th>Next refresh (UTC)</th><th>RCA stream</th></tr></thead><tbody>{rows}</tbody></table>
 </body></html>
 """
 
@@ -122,28 +153,59 @@ class ExporterApp:
 class HTTPServer:
     """waitress in a background thread, with a `stop()` that really stops it (waitress has none)."""
 
-    def __init__(self, app: WSGIApp, host: str, port: int, threads: int = 4, **adjustments: Any) -> None:
+    def __init__(self, app: WSGIApp, host: str, port: int, threads: int = 4,
+                 tls: Callable[[], ssl.SSLContext] | None = None, **adjustments: Any) -> None:
+        """`tls` gives the SSL context for each new connection: then waitress listens on a private Unix
+        socket and a `TLSFront` serves (host, port)."""
         options: dict[str, Any] = {
-            "threads": threads, "channel_timeout": 30, "connection_limit": 200, "cleanup_interval": 5,
+            "threads": threads, "channel_timeout": 30, "connection_limit": 1000, "cleanup_interval": 5,
             "max_request_header_size": 64 * 1024, "max_request_body_size": 1024 * 1024,
             "ident": "exlogare-exporter", "asyncore_use_poll": True, **adjustments,
         }
-        self._server = waitress.create_server(app, host=host, port=port, **options)
         self.host = host
-        self.port: int = self._server.effective_port  # type: ignore[union-attr]
+        self.tls = tls is not None
+        self._front: TLSFront | None = None
+        self._private_dir: str | None = None
+        if tls is None:
+            self._server = waitress.create_server(app, host=host, port=port, **options)
+            self.port: int = self._server.effective_port  # type: ignore[union-attr]
+        else:
+            self._private_dir = tempfile.mkdtemp(prefix="exlogare-exporter-")  # 0700: ours alone
+            backend = os.path.join(self._private_dir, "http.sock")
+            self._server = waitress.create_server(app, unix_socket=backend, unix_socket_perms="600",
+                                                  url_scheme="https", **options)
+            try:
+                self._front = TLSFront(tls, host, port, backend, idle_timeout=options["channel_timeout"],
+                                       max_connections=options["connection_limit"])
+            except OSError:
+                self._close_backend()
+                raise
+            self.port = self._front.port
         self._thread = threading.Thread(target=self._server.run, name=f"http-{self.port}", daemon=True)
 
     @property
     def url(self) -> str:
         host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://[{host}]:{self.port}" if ":" in host else f"{scheme}://{host}:{self.port}"
 
     def start(self) -> HTTPServer:
         self._thread.start()
+        if self._front is not None:
+            self._front.start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._server.task_dispatcher.shutdown(timeout=timeout)
-        wasyncore.close_all(self._server._map)  # an empty map ends waitress' loop
         deadline = time.monotonic() + timeout
+        if self._front is not None:
+            self._front.stop(timeout)
+        self._server.task_dispatcher.shutdown(timeout=max(0.0, deadline - time.monotonic()))
+        wasyncore.close_all(self._server._map)  # an empty map ends waitress' loop
         self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._close_backend()
+
+    def _close_backend(self) -> None:
+        if self._private_dir is not None:
+            wasyncore.close_all(self._server._map)
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            self._private_dir = None

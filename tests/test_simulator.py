@@ -583,6 +583,39 @@ def test_first_matching_fault_wins(api: Api, sim: Simulator) -> None:
     assert api.get("/stats/overview", "acme").status_code == 503
 
 
+def test_triggers_and_param_faults_act_between_two_pages_of_a_walk(
+        api: Api, sim: Simulator, server: SimulatorServer, http: requests.Session) -> None:
+    sim.add_analyses("fresh", 8, created_at=NOW - timedelta(hours=1))
+    sim.add_trigger(lambda: sim.add_analyses("fresh", 2, created_at=NOW), endpoint="/api/v1/analyses",
+                    param="cursor")
+    first = api.ok("/analyses", limit=5)
+    assert sim.stats("fresh", "overview", days=1)["rca_count"] == 8  # no cursor: the trigger waits
+    second = api.ok("/analyses", limit=5, cursor=first["next_cursor"])
+    assert sim.stats("fresh", "overview", days=1)["rca_count"] == 10  # fired before the answer ...
+    assert len(first["items"] + second["items"]) == 8  # ... which the keyset cursor keeps out
+    assert len(api.walk(limit=5)) == 10  # fired once only
+
+    sim.set_fault(endpoint="/analyses", param="cursor", status=400, body='{"detail": "Invalid cursor"}')
+    assert api.get("/analyses", limit=5).status_code == 200
+    assert api.get("/analyses", limit=5, cursor=first["next_cursor"]).json() == {"detail": "Invalid cursor"}
+    sim.clear_faults()
+
+    base = f"{server.url}/_sim"
+    trigger = {"tenant": "fresh", "endpoint": "/analyses", "param": "cursor",
+               "add_analyses": {"count": 3, "severity": "high", "created_at": NOW.isoformat()}}
+    assert http.post(f"{base}/triggers", json=trigger, timeout=10).status_code == 200
+    before = {i["id"] for i in api.walk(limit=500)}
+    api.ok("/analyses", limit=5, cursor=first["next_cursor"])
+    added = [i for i in api.walk(limit=500) if i["id"] not in before]
+    assert [i["severity"] for i in added] == ["high"] * 3
+    http.post(f"{base}/triggers", json={**trigger, "count": None}, timeout=10)
+    assert http.delete(f"{base}/triggers", timeout=10).status_code == 200
+    api.ok("/analyses", limit=5, cursor=first["next_cursor"])
+    assert len(api.walk(limit=500)) == 13
+    bad = http.post(f"{base}/triggers", json={"tenant": "nobody", "add_analyses": {}}, timeout=10)
+    assert bad.status_code == 404
+
+
 def test_request_log(api: Api, sim: Simulator, server: SimulatorServer, http: requests.Session) -> None:
     sim.clear_requests()
     api.get("/stats/overview", "acme", days=7)

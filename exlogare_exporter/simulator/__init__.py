@@ -6,10 +6,10 @@ standard library and waitress. Run it with `python -m exlogare_exporter.simulato
 
 from __future__ import annotations
 
+from ..apirules import ApiError
 from .app import WSGIApp, make_app
 from .core import Fault, Reply, RequestRecord, Simulator
 from .data import SEVERITIES
-from .params import ApiError
 from .server import DEMO_TENANTS, Arrivals, SimulatorServer, demo_simulator, main
 
 __all__ = [

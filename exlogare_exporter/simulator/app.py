@@ -151,7 +151,26 @@ def _faults(sim: Simulator, method: str, environ: Environ, args: list[str]) -> A
         sim.clear_faults()
     else:
         sim.set_fault(**_optional(_body(environ), "tenant", "endpoint", "status", "body", "content_type",
-                                  "headers", "latency", "count"))
+                                  "headers", "latency", "count", "param"))
+    return {"ok": True}
+
+
+def _triggers(sim: Simulator, method: str, environ: Environ, args: list[str]) -> Any:
+    """POST {"tenant", "endpoint", "param", "count", "add_analyses": {…}}: RCAs added when a matching request
+    arrives (e.g. the second page of a walk), before it is answered. DELETE clears them."""
+    if method == "DELETE":
+        sim.clear_triggers()
+        return {"ok": True}
+    body = _body(environ)
+    spec = body.get("add_analyses")
+    if not isinstance(spec, dict):
+        raise ControlError(400, "add_analyses must be an object like the body of /_sim/tenants/*/analyses")
+    target = str(spec.get("tenant") or _required(body, "tenant"))
+    sim.token(target)  # an unknown tenant is a 404 now, not a failure inside a later request
+    kwargs = _optional(spec, "severity", "project_path", "project_id", "source", "root_cause", "time_to_rca")
+    count, created_at = int(spec.get("count", 1)), _when(spec.get("created_at"), "created_at")
+    sim.add_trigger(lambda: sim.add_analyses(target, count, created_at=created_at, **kwargs),
+                    **_optional(body, "tenant", "endpoint", "param", "count"))
     return {"ok": True}
 
 
@@ -185,6 +204,7 @@ CONTROL_ROUTES: dict[tuple[str, ...], tuple[tuple[str, ...], Handler]] = {
     ("failures", "*"): (("POST",), _failures),
     ("tokens",): (("POST",), _tokens),
     ("faults",): (("POST", "DELETE"), _faults),
+    ("triggers",): (("POST", "DELETE"), _triggers),
     ("latency",): (("POST",), _latency),
     ("revoke",): (("POST",), _revoke),
     ("clock",): (("POST",), _clock),

@@ -17,9 +17,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from ..apirules import (
+    US_PER_DAY,
+    US_PER_SECOND,
+    ApiError,
+    Query,
+    bad_request,
+    decode_cursor,
+    encode_cursor,
+    from_us,
+    parse_uuid,
+    to_us,
+)
 from . import data
-from .data import SEVERITIES, US_PER_DAY, US_PER_SECOND, Failure, Rca, to_us
-from .params import ApiError, Query, bad_request, decode_cursor, encode_cursor, parse_uuid
+from .data import SEVERITIES, Failure, Rca
 from .store import TenantStore
 
 API_PREFIX = "/api/v1"
@@ -75,11 +86,36 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     latency: float = 0.0
     remaining: int | None = None
+    param: str | None = None  # only requests that carry this query parameter, e.g. "cursor"
 
-    def matches(self, tenant: str | None, route: str | None, path: str) -> bool:
-        if self.tenant is not None and self.tenant != tenant:
-            return False
-        return self.endpoint is None or (route is not None and self.endpoint in (route, path))
+    def matches(self, tenant: str | None, route: str | None, path: str,
+                query: Mapping[str, str] | None = None) -> bool:
+        return _applies(self, tenant, route, path, query)
+
+
+@dataclass
+class Trigger:
+    """An action run when a matching request arrives, before it is answered: events "during" a walk."""
+
+    tenant: str | None
+    endpoint: str | None
+    param: str | None
+    action: Callable[[], Any]
+    remaining: int | None = 1
+
+    def matches(self, tenant: str | None, route: str | None, path: str,
+                query: Mapping[str, str] | None = None) -> bool:
+        return _applies(self, tenant, route, path, query)
+
+
+def _applies(rule: Fault | Trigger, tenant: str | None, route: str | None, path: str,
+             query: Mapping[str, str] | None) -> bool:
+    """Whether a fault's or trigger's tenant, endpoint and parameter filters (None: any) all match."""
+    if rule.tenant is not None and rule.tenant != tenant:
+        return False
+    if rule.param is not None and rule.param not in (query or {}):
+        return False
+    return rule.endpoint is None or (route is not None and rule.endpoint in (route, path))
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -99,6 +135,13 @@ def route_of(path: str) -> str | None:
     if path.startswith("/analyses/") and path.count("/") == 2 and len(path) > len("/analyses/"):
         return ONE_ANALYSIS
     return None
+
+
+def _below_prefix(endpoint: str | None) -> str | None:
+    """An endpoint filter may be given with or without the /api/v1 prefix."""
+    if endpoint is not None and endpoint.startswith(API_PREFIX):
+        return endpoint[len(API_PREFIX):]
+    return endpoint
 
 
 def _malformed_detail(token: str) -> str:
@@ -122,6 +165,7 @@ class Simulator:
         self._rngs: dict[str, random.Random] = {}
         self._tokens: dict[str, tuple[str, frozenset[str]]] = {}
         self._faults: list[Fault] = []
+        self._triggers: list[Trigger] = []
         self._latency = 0.0
         self._log: deque[RequestRecord] = deque(maxlen=LOG_LIMIT)
 
@@ -137,7 +181,7 @@ class Simulator:
     def freeze(self, now: datetime | None) -> None:
         """Fix the clock at `now` (naive counts as UTC); None goes back to the running clock."""
         with self._lock:
-            self._frozen = None if now is None else data.from_us(to_us(now))
+            self._frozen = None if now is None else from_us(to_us(now))
 
     def _now_us(self) -> int:
         return to_us(self.now())
@@ -270,14 +314,14 @@ class Simulator:
     def set_fault(self, *, tenant: str | None = None, endpoint: str | None = None, status: int | None = 500,
                   body: str | bytes | None = None, content_type: str = "application/json",
                   headers: dict[str, str] | None = None, latency: float = 0.0,
-                  count: int | None = None) -> None:
+                  count: int | None = None, param: str | None = None) -> None:
         """Answer matching read-API requests with `status`/`body` instead (status None: only delay them).
 
         `endpoint` is a path below /api/v1 such as "/stats/overview", "/analyses" or "/analyses/{id}";
+        `param` narrows it to requests carrying that query parameter (e.g. "cursor": a walk's later pages);
         `count` None lasts until `clear_faults()`. The first matching active fault wins.
         """
-        if endpoint is not None and endpoint.startswith(API_PREFIX):
-            endpoint = endpoint[len(API_PREFIX):]
+        endpoint = _below_prefix(endpoint)
         if status is not None and not 100 <= status <= 599:
             raise ValueError(f"status {status}: not an HTTP status")
         if body is None and status is not None and 200 <= status < 300:
@@ -288,11 +332,25 @@ class Simulator:
         raw = body.encode() if isinstance(body, str) else body
         with self._lock:
             self._faults.append(Fault(tenant, endpoint, status, raw, content_type, dict(headers or {}),
-                                      float(latency), count))
+                                      float(latency), count, param))
 
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+
+    def add_trigger(self, action: Callable[[], Any], *, tenant: str | None = None,
+                    endpoint: str | None = None, param: str | None = None, count: int | None = 1) -> None:
+        """Run `action` (under the simulator's lock, so it may add RCAs or faults) when a matching read-API
+        request arrives, before that request is answered; `count` times (None: until `clear_triggers()`).
+
+        With `endpoint="/analyses", param="cursor"` the action happens between two pages of one walk.
+        """
+        with self._lock:
+            self._triggers.append(Trigger(tenant, _below_prefix(endpoint), param, action, count))
+
+    def clear_triggers(self) -> None:
+        with self._lock:
+            self._triggers.clear()
 
     def set_latency(self, seconds: float) -> None:
         """Delay every read-API answer by `seconds` (on top of any fault's latency)."""
@@ -307,9 +365,19 @@ class Simulator:
         with self._lock:
             self._log.clear()
 
-    def _take_fault(self, tenant: str | None, route: str | None, path: str) -> Fault | None:
+    def _fire_triggers(self, tenant: str | None, route: str | None, path: str, query: Mapping[str, str]
+                       ) -> None:
+        for trigger in [t for t in self._triggers if t.matches(tenant, route, path, query)]:
+            if trigger.remaining is not None:
+                trigger.remaining -= 1
+                if trigger.remaining <= 0:
+                    self._triggers.remove(trigger)
+            trigger.action()
+
+    def _take_fault(self, tenant: str | None, route: str | None, path: str, query: Mapping[str, str]
+                    ) -> Fault | None:
         for fault in self._faults:
-            if fault.matches(tenant, route, path):
+            if fault.matches(tenant, route, path, query):
                 if fault.remaining is not None:
                     fault.remaining -= 1
                     if fault.remaining <= 0:
@@ -327,7 +395,8 @@ class Simulator:
         with self._lock:
             tenant, auth_error = self._authenticate(authorization)
             route = route_of(path)
-            fault = self._take_fault(tenant, route, path)
+            self._fire_triggers(tenant, route, path, query)
+            fault = self._take_fault(tenant, route, path, query)
             delay = self._latency + (fault.latency if fault else 0.0)
             if fault is not None and fault.status is not None:
                 hdrs = tuple({"Content-Type": fault.content_type, **fault.headers}.items())

@@ -10,32 +10,15 @@ import itertools
 import random
 import zlib
 from bisect import bisect_right
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
 from typing import Any, NamedTuple
+
+from ..apirules import EPOCH, US_PER_DAY, US_PER_SECOND, iso
 
 SEVERITIES = ("low", "medium", "high")
 SOURCES = ("gitlab_webhook", "github_app", "generic")
-US_PER_SECOND = 1_000_000
-US_PER_DAY = 86_400 * US_PER_SECOND
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_ORDINAL = EPOCH.date().toordinal()
 CLUSTER_CHARS = 120
-
-
-def to_us(dt: datetime) -> int:
-    """A naive datetime counts as UTC, as on the server."""
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return (dt - EPOCH) // timedelta(microseconds=1)
-
-
-def from_us(us: int) -> datetime:
-    return EPOCH + timedelta(microseconds=us)
-
-
-def iso(us: int) -> str:
-    """The server's spelling: `+00:00`, microseconds, fraction dropped when zero."""
-    return from_us(us).isoformat()
 
 
 def day_of(us: int) -> str:

@@ -171,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fault", action="append", default=[], type=parse_fault, metavar="SPEC",
                    help="inject a fault, e.g. status=503,endpoint=/stats/overview,count=3 or "
                         "status=429,retry_after=30 or status=none,latency=2 (keys: tenant, endpoint, "
-                        "status, body, content_type, latency, count, retry_after); repeatable")
+                        "status, body, content_type, latency, count, retry_after, param); repeatable")
     return p
 
 
@@ -193,7 +193,7 @@ def parse_fault(spec: str) -> dict[str, Any]:
                 out[key] = int(value)
             elif key == "retry_after":
                 headers["Retry-After"] = value
-            elif key in ("tenant", "endpoint", "body", "content_type"):
+            elif key in ("tenant", "endpoint", "body", "content_type", "param"):
                 out[key] = value
             else:
                 raise ValueError(part)

@@ -1,7 +1,9 @@
-"""Query validation with the server's error shapes: FastAPI's 422 lists and plain 400 details.
+"""The Read API v1's query rules, with the server's error shapes: FastAPI's 422 lists and plain 400 details.
 
-Like FastAPI, every parameter is checked and all 422 errors are reported together; the last value of a
-repeated parameter wins; unknown parameters are ignored.
+Shared by the simulator (which enforces them as the server does) and the proxy (which refuses a bad query
+with the same answer, without an upstream call). Like FastAPI, every parameter is checked and all 422
+errors are reported together; the last value of a repeated parameter wins; unknown parameters are ignored.
+Times are integer microseconds since the epoch (UTC): exact, cheap to compare and to bisect.
 """
 
 from __future__ import annotations
@@ -12,10 +14,29 @@ import json
 import re
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .data import to_us
+US_PER_SECOND = 1_000_000
+US_PER_DAY = 86_400 * US_PER_SECOND
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_us(dt: datetime) -> int:
+    """A naive datetime counts as UTC, as on the server."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - EPOCH) // timedelta(microseconds=1)
+
+
+def from_us(us: int) -> datetime:
+    return EPOCH + timedelta(microseconds=us)
+
+
+def iso(us: int) -> str:
+    """The server's spelling: `+00:00`, microseconds, fraction dropped when zero."""
+    return from_us(us).isoformat()
+
 
 _INT = re.compile(r"[+-]?\d+")
 _NUMBER = re.compile(r"[+-]?\d+(\.\d+)?")

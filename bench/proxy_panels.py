@@ -1,0 +1,153 @@
+"""How many upstream calls the Grafana proxy saves: a dashboard of N panels watched by M viewers.
+
+Runs the simulator (with a per-answer latency, like a remote API) and the exporter with its proxy, both on
+loopback in this process, then plays two scenes and prints a Markdown table:
+
+- open: every viewer opens the dashboard at the same moment (N × M panel loads at once);
+- watch: every viewer keeps the dashboard open with auto-refresh, start times spread over one refresh
+  interval, for a while. Time is scaled down (a TTL of 3 s stands for Grafana's 30 s).
+
+Without the proxy, each panel load is one call to the Exlogare API (Infinity queries it directly); the
+table compares that with the calls the simulator actually received from the proxy.
+
+    python bench/proxy_panels.py [--viewers 10] [--panels 20] [--ttl 3] [--refresh 1] [--duration 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import requests
+
+from exlogare_exporter.app import Exporter
+from exlogare_exporter.config import parse_config
+from exlogare_exporter.simulator import SimulatorServer
+from tests.proxy_support import TOKEN_A, Stack, make_simulator, raw_config
+from tests.support import wait_until
+
+
+def panel_queries(count: int) -> list[str]:
+    """`count` distinct panel queries, the kinds a dashboard mixes."""
+    kinds = [("overview", "days={d}"), ("timeseries", "days={d}"), ("top-projects", "days={d}&limit=10"),
+             ("top-root-causes", "days={d}&limit=10")]
+    queries = []
+    days = [1, 7, 14, 30, 60, 90, 120, 180]
+    for i in range(count):
+        name, params = kinds[i % len(kinds)]
+        day = days[i // len(kinds) % len(days)]
+        queries.append(f"/proxy/acme/api/v1/stats/{name}?" + params.format(d=day))
+    assert len(set(queries)) == count, "not enough distinct queries"
+    return queries
+
+
+class Load:
+    """Panel loads through the proxy, timed, from a shared pool (Grafana's backend fans out the same way)."""
+
+    def __init__(self, stack: Stack, workers: int = 64) -> None:
+        self.stack = stack
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.lock = threading.Lock()
+        self.times: dict[str, list[float]] = {}
+        self.loads = 0
+        self.errors = 0
+
+    def one(self, path: str) -> None:
+        started = time.perf_counter()
+        answer = self.stack.get(path, token=TOKEN_A)
+        took = time.perf_counter() - started
+        with self.lock:
+            self.loads += 1
+            self.errors += answer.status_code != 200
+            self.times.setdefault(answer.headers.get("X-Exlogare-Cache", "none"), []).append(took)
+
+    def dashboard(self, queries: list[str]) -> None:
+        for future in [self.pool.submit(self.one, q) for q in queries]:
+            future.result()
+
+
+def scene(stack: Stack, run: Callable[[Load], object]) -> tuple[int, int, Load]:
+    """Run one scene from a cold cache; (panel loads, upstream calls, the timings)."""
+    stack.exporter.proxy.cache.clear()
+    stack.sim.clear_requests()
+    load = Load(stack)
+    run(load)
+    load.pool.shutdown()
+    return load.loads, len(stack.sim.requests()), load
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--viewers", type=int, default=10)
+    parser.add_argument("--panels", type=int, default=20)
+    parser.add_argument("--ttl", type=float, default=3.0, help="proxy cache_ttl, seconds")
+    parser.add_argument("--refresh", type=float, default=1.0, help="each viewer's auto-refresh, seconds")
+    parser.add_argument("--duration", type=float, default=15.0, help="length of the watch scene, seconds")
+    parser.add_argument("--latency", type=float, default=0.05, help="simulator answer latency, seconds")
+    args = parser.parse_args()
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # a queue is what a burst of panels makes
+
+    sim = make_simulator()
+    sim.set_latency(args.latency)
+    server = SimulatorServer(sim).start()
+    proxy = {"cache_ttl": f"{args.ttl}s", "cache_stale_ttl": f"{max(args.ttl, 600)}s"}
+    exporter = Exporter(parse_config(raw_config(sim, server.url, proxy), {}))
+    exporter.start()
+    stack = Stack(sim, server, exporter)
+    # The poller's first refresh is not the dashboard's doing: let it finish before counting.
+    wait_until(lambda: requests.get(stack.url + "/readyz", timeout=5).status_code == 200, what="readiness")
+    queries = panel_queries(args.panels)
+    rows = []
+    try:
+        loads, calls, opened = scene(stack, lambda load: [f.result() for f in [
+            load.pool.submit(load.dashboard, queries) for _ in range(args.viewers)]])
+        rows.append(("open: all viewers at once", loads, calls, opened))
+
+        def watch(load: Load) -> None:
+            end = time.monotonic() + args.duration
+
+            def viewer(offset: float) -> None:
+                time.sleep(offset)
+                while time.monotonic() < end:
+                    started = time.monotonic()
+                    load.dashboard(queries)
+                    time.sleep(max(0.0, args.refresh - (time.monotonic() - started)))
+
+            threads = [threading.Thread(target=viewer, args=(i * args.refresh / args.viewers,))
+                       for i in range(args.viewers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        loads, calls, watched = scene(stack, watch)
+        rows.append((f"watch: refresh {args.refresh:g}s, TTL {args.ttl:g}s, {args.duration:g}s", loads, calls,
+                     watched))
+    finally:
+        exporter.stop(wait=2)
+        server.stop()
+
+    print(f"{args.panels} panels × {args.viewers} viewers, simulator latency {args.latency * 1000:.0f} ms\n")
+    print("| scene | panel loads = upstream calls without the proxy | upstream calls with the proxy | "
+          "reduction | errors | p50 hit or shared | p50 miss |")
+    print("|---|---|---|---|---|---|---|")
+    for name, loads, calls, load in rows:
+        hits = load.times.get("hit", []) + load.times.get("shared", [])
+        misses = load.times.get("miss", [])
+        print(f"| {name} | {loads} | {calls} | {loads / max(calls, 1):.1f}× | {load.errors} | "
+              f"{statistics.median(hits) * 1000 if hits else 0:.1f} ms | "
+              f"{statistics.median(misses) * 1000 if misses else 0:.1f} ms |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

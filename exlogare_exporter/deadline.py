@@ -1,0 +1,144 @@
+"""A wall-clock limit on each HTTP attempt to the upstream.
+
+Read timeouts bound the wait for each byte, not for the answer: an upstream (or a proxy in front of it) that
+sends one byte a second never trips them, and would hold a refresh, and a worker thread, for as long as it
+likes. Here each attempt gets a budget from the moment its request is sent; when it runs out, one shared
+watchdog thread shuts the connection's socket down, the blocked read returns at once, and the attempt fails
+as a timeout (so urllib3's retries and the `code="timeout"` counter treat it like any other timeout).
+
+Use: `begin(seconds)` before the request in the calling thread, `end()` when its body has been read, and
+mount `DeadlineAdapter` on the session. `expired()` tells the caller that the current attempt was cut off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from typing import Any
+
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+_local = threading.local()  # .budget: seconds per attempt; .conn: the connection of the current attempt
+
+
+class _Watchdog:
+    """One daemon thread that shuts down the sockets of attempts past their deadline."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._armed: dict[int, tuple[float, _Timed]] = {}
+        self._thread: threading.Thread | None = None
+
+    def arm(self, conn: _Timed, seconds: float) -> None:
+        with self._cond:
+            self._armed[id(conn)] = (time.monotonic() + seconds, conn)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="upstream-deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def disarm(self, conn: _Timed) -> None:
+        with self._cond:
+            self._armed.pop(id(conn), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._armed:
+                    self._cond.wait()
+                    continue
+                key, (at, conn) = min(self._armed.items(), key=lambda item: item[1][0])
+                wait = at - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                del self._armed[key]
+            conn.cut_off()
+
+
+_WATCHDOG = _Watchdog()
+
+
+class _Timed:
+    """Mixin for urllib3 connections: each request arms the deadline of the calling thread's budget."""
+
+    sock: Any
+    deadline_expired = False
+    deadline_budget = 0.0
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        budget = getattr(_local, "budget", None)
+        self.deadline_expired = False
+        if budget:
+            previous = getattr(_local, "conn", None)
+            if previous is not None and previous is not self:
+                _WATCHDOG.disarm(previous)  # an earlier attempt of this call, on another connection
+            self.deadline_budget = budget
+            _local.conn = self
+            _WATCHDOG.arm(self, budget)
+        return super().request(*args, **kwargs)  # type: ignore[misc]
+
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().getresponse(*args, **kwargs)  # type: ignore[misc]
+        except Exception:
+            if self.deadline_expired:
+                # urllib3 turns a socket timeout into ReadTimeoutError: retried and counted as "timeout".
+                raise TimeoutError(f"no complete answer within {self.deadline_budget:g}s") from None
+            raise
+
+    def cut_off(self) -> None:
+        self.deadline_expired = True
+        sock = self.sock
+        if sock is not None:
+            # socket.socket's own shutdown: SSLSocket's would also drop its SSL object under the reader.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _HTTPConnection(_Timed, HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Timed, HTTPSConnection):
+    pass
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+class DeadlineAdapter(HTTPAdapter):
+    """An `HTTPAdapter` whose connections honour `begin()`'s budget."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
+def begin(seconds: float) -> None:
+    """Give every attempt this thread starts from now on `seconds`, from request to last byte."""
+    _local.budget = seconds
+    _local.conn = None
+
+
+def end() -> None:
+    """The call is over (body read or failed): disarm its last attempt."""
+    conn = getattr(_local, "conn", None)
+    if conn is not None:
+        _WATCHDOG.disarm(conn)
+    _local.budget = None
+
+
+def expired() -> bool:
+    """Whether the current attempt of this thread was cut off by its deadline."""
+    conn = getattr(_local, "conn", None)
+    return bool(conn is not None and conn.deadline_expired)
