@@ -8,6 +8,7 @@ import time
 from prometheus_client import generate_latest
 
 from .config import Config, ConfigError, load_config
+from .exposition import CachedExposition
 from .metrics import ExporterMetrics
 from .poller import Poller
 from .proxy import Proxy
@@ -33,7 +34,7 @@ class Exporter:
         self.metrics = ExporterMetrics(self.store)
         self.poller = Poller(self.store, self.metrics)
         self.poller.apply(config)
-        self.proxy = Proxy(self.poller.client, self.metrics.registry)
+        self.proxy = Proxy(self.poller.client, self.metrics.live)
         self.metrics.response_listeners.append(self.proxy.on_upstream_response)
         self.proxy.apply(config)
         self.metrics.config_loaded(True)
@@ -44,7 +45,8 @@ class Exporter:
 
     def start(self) -> None:
         app = ExporterApp(self.metrics.registry, self.store, self.tenant_names, self.poller.next_run,
-                          streams=self.poller.streams, access=self.access, proxy=self.proxy)
+                          streams=self.poller.streams, access=self.access, proxy=self.proxy,
+                          metrics_app=CachedExposition.for_metrics(self.metrics))
         tls = self.access.ssl_context if self.access.web.tls is not None else None
         threads = PROXY_HTTP_THREADS if self.config.proxy.enabled else 4
         self.http = HTTPServer(app, self.config.listen_host, self.config.listen_port, threads=threads,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -142,6 +143,38 @@ class Limiter(Protocol):
     def acquire(self) -> float: ...
 
 
+class SharedLimits:
+    """One `TokenBucket` per base URL, shared by the clients of every tenant pointing at that server.
+
+    The SaaS limits each token on its own, but a self-hosted server serving many tenants is one machine:
+    `base_url_max_requests_per_second` caps what the whole exporter sends it, and a Retry-After from it
+    holds back every tenant of that base URL (`TokenBucket.hold`).
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def bucket(self, tenant: TenantConfig) -> TokenBucket | None:
+        """The tenant's base-URL bucket (kept across reloads while its rate and burst stay), or None."""
+        rate, burst = tenant.base_url_max_requests_per_second, tenant.base_url_max_requests_burst
+        if rate <= 0:
+            return None
+        with self._lock:
+            bucket = self._buckets.get(tenant.base_url)
+            if bucket is None or (bucket.rate, bucket.burst) != (rate, burst):
+                bucket = self._buckets[tenant.base_url] = TokenBucket(rate, burst, clock=self._clock,
+                                                                      sleep=self._sleep)
+            return bucket
+
+    def retain(self, base_urls: set[str]) -> None:
+        with self._lock:
+            self._buckets = {url: b for url, b in self._buckets.items() if url in base_urls}
+
+
 class TokenBucket:
     """Spaces requests to `rate` a second (bursts up to `burst`): self-hosted servers have no limit.
 
@@ -161,6 +194,16 @@ class TokenBucket:
         self._lock = threading.Lock()
         self._tokens = self.burst
         self._last = clock()
+        self._held_until = -math.inf
+
+    def hold(self, seconds: float) -> None:
+        """Hold every user of the bucket back for `seconds` (a Retry-After); see `held_for`."""
+        with self._lock:
+            self._held_until = max(self._held_until, self._clock() + seconds)
+
+    def held_for(self) -> float:
+        """Seconds left of a `hold`: callers refuse to send meanwhile rather than sleep through it."""
+        return max(0.0, self._held_until - self._clock())
 
     def acquire(self) -> float:
         """Wait until a request may leave; returns the seconds waited."""
@@ -358,7 +401,9 @@ class ExlogareClient:
 
     def __init__(self, tenant: TenantConfig, on_response: Callable[[str, str], None] | None = None,
                  limiter: Limiter | None = None, *, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, shared: TokenBucket | None = None) -> None:
+        """`limiter` replaces the tenant's own bucket (`max_requests_per_second`); `shared` is the bucket of
+        its base URL (`SharedLimits`), taken after it and held back on a Retry-After like the tenant."""
         self._name: str = tenant.name
         self._base = tenant.base_url.rstrip("/") + API_PREFIX
         self._timeout = (tenant.connect_timeout, tenant.timeout)
@@ -369,8 +414,11 @@ class ExlogareClient:
         self._on_response = on_response
         self._clock = clock
         if limiter is None and tenant.max_requests_per_second > 0:
-            limiter = TokenBucket(tenant.max_requests_per_second, clock=clock, sleep=sleep)
+            limiter = TokenBucket(tenant.max_requests_per_second, tenant.max_requests_burst, clock=clock,
+                                  sleep=sleep)
         self._limiter = limiter
+        self._shared = shared
+        self._sleep = sleep
         self._auth = _BearerAuth(tenant.token)
         self._local = threading.local()  # the endpoint label of the call in flight, for retried attempts
         self._block_lock = threading.Lock()
@@ -380,7 +428,7 @@ class ExlogareClient:
             allowed_methods=frozenset({"GET"}), status_forcelist=RETRY_STATUSES,
             backoff_factor=BACKOFF_FACTOR, backoff_jitter=BACKOFF_JITTER, backoff_max=BACKOFF_MAX,
             raise_on_status=False, respect_retry_after_header=True,
-            hooks=RetryHooks(on_retry=self._on_retry, before_retry=self._wait_for_limiter, sleep=sleep,
+            hooks=RetryHooks(on_retry=self._on_retry, before_retry=self._pace, sleep=sleep,
                              on_pause=self._block_for),
         )
         self._session = requests.Session()
@@ -399,8 +447,8 @@ class ExlogareClient:
         """GET `/api/v1<endpoint>` and return `parse(json)`; every failure is an `UpstreamError`."""
         label = endpoint_label(endpoint)
         self._raise_if_blocked(endpoint)
-        if self._limiter is not None:
-            self._wait_for_limiter()
+        if self._limiter is not None or self._shared is not None:
+            self._pace()
             self._raise_if_blocked(endpoint)
         self._local.label = label
         deadline.begin(self._attempt_budget)
@@ -472,15 +520,29 @@ class ExlogareClient:
     def _wait_for_limiter(self) -> None:
         if self._limiter is not None:
             self._limiter.acquire()
+        if self._shared is not None:
+            self._shared.acquire()
+
+    def _pace(self) -> None:
+        """Wait for the limiters. A short pause of the shared base URL (another tenant's Retry-After, which
+        that tenant's retry sleeps through) is waited out, and the token taken before it is void: queue
+        again, or every waiting thread would send at once when it ends."""
+        self._wait_for_limiter()
+        while self._shared is not None and 0 < (pause := self._shared.held_for()) <= RETRY_AFTER_CAP:
+            self._sleep(pause)
+            self._wait_for_limiter()
 
     def _raise_if_blocked(self, endpoint: str) -> None:
+        """Refuse to send while the upstream's pause lasts (a long pause, for a shared base URL)."""
         with self._block_lock:
             until = self._blocked_until
-        remaining = None if until is None else until - self._clock()
-        if remaining is not None and remaining > 0:
+        remaining = 0.0 if until is None else until - self._clock()
+        shared = self._shared.held_for() if self._shared is not None else 0.0
+        if remaining > 0 or shared > RETRY_AFTER_CAP:
+            whose = "" if remaining >= shared else " for every tenant of this base_url"
             raise RateLimited(self._name, endpoint, "429",
-                              f"the upstream asked for a pause (Retry-After); not asking again for "
-                              f"another {remaining:.0f}s", retry_after=remaining)
+                              f"the upstream asked for a pause (Retry-After){whose}; not asking again for "
+                              f"another {max(remaining, shared):.0f}s", retry_after=max(remaining, shared))
 
     def _block_for(self, seconds: float) -> None:
         seconds = min(seconds, BLOCK_MAX)
@@ -488,6 +550,8 @@ class ExlogareClient:
         with self._block_lock:
             if self._blocked_until is None or until > self._blocked_until:
                 self._blocked_until = until
+        if self._shared is not None:
+            self._shared.hold(seconds)
         log.info("tenant %s: upstream asked to wait %.0fs (Retry-After); holding requests back",
                  self._name, seconds, extra={"tenant": self._name})
 

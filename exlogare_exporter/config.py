@@ -131,6 +131,10 @@ class TenantConfig:
     analyses_max_pages: int = 20
     analyses_labels: tuple[str, ...] = ()  # a subset of ANALYSES_LABELS, in that order
     max_label_values: int = 50
+    max_requests_burst: float = 1.0  # requests that may leave at once after a quiet spell
+    # One budget for every tenant with this base_url (a self-hosted server shared by many tenants); 0 = none.
+    base_url_max_requests_per_second: float = 0.0
+    base_url_max_requests_burst: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -307,12 +311,18 @@ def _size(low: int, high: int) -> Parser:
     return parse
 
 
-def _rate(value: Any, path: str, ctx: _Context) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(path, f"must be a number (0 = unlimited), got {_kind(value)}")
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(path, f"{value} is not allowed; use 0 (unlimited) or a number above 0")
-    return float(value)
+def _number(low: float, what: str, allowed: str) -> Parser:
+    def parse(value: Any, path: str, ctx: _Context) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(path, f"must be {what}, got {_kind(value)}")
+        if not math.isfinite(value) or value < low:
+            raise ConfigError(path, f"{value} is not allowed; {allowed}")
+        return float(value)
+    return parse
+
+
+_rate = _number(0, "a number (0 = unlimited)", "use 0 (unlimited) or a number above 0")
+_burst = _number(1, "a number of requests (1 or more)", "a burst is 1 request or more")
 
 
 def _analyses_interval(value: Any, path: str, ctx: _Context) -> float:
@@ -542,6 +552,9 @@ INHERITED_KEYS: dict[str, Key] = {
     "label_max_length": Key(_int(16, 1024), 120),
     "max_response_bytes": Key(_size(1024, 1024**3), 10 * 1024**2),
     "max_requests_per_second": Key(_rate, 0.0),
+    "max_requests_burst": Key(_burst, DERIVED),  # the rate, at least 1
+    "base_url_max_requests_per_second": Key(_rate, 0.0),
+    "base_url_max_requests_burst": Key(_burst, DERIVED),  # the base-URL rate, at least 1
     "analyses_interval": Key(_analyses_interval, 30.0),
     "analyses_lookback": Key(_analyses_lookback, 0.0),
     "analyses_max_pages": Key(_int(1, 1000), 20),
@@ -638,6 +651,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _derive_bursts(values: dict[str, Any]) -> None:
+    """A burst left out is the rate (at least one request): a second's worth at once."""
+    for burst, rate in (("max_requests_burst", "max_requests_per_second"),
+                        ("base_url_max_requests_burst", "base_url_max_requests_per_second")):
+        if values[burst] is DERIVED:
+            values[burst] = max(1.0, values[rate])
+
+
 def _derive(tenant_path: str, layers: tuple[_Parsed, ...]) -> dict[str, Any]:
     """Merge built-in defaults, `defaults:` and the tenant's own keys; fill derived values; cross-check."""
     values: dict[str, Any] = {key: spec.default for key, spec in INHERITED_KEYS.items()}
@@ -657,6 +678,7 @@ def _derive(tenant_path: str, layers: tuple[_Parsed, ...]) -> dict[str, Any]:
                                   "defaults to windows, so set top_windows to windows of 180 days or fewer")
         values["top_windows"] = values["windows"]
 
+    _derive_bursts(values)
     if values["jitter"] is DERIVED:
         values["jitter"] = min(0.1 * interval, 30.0)
     elif values["jitter"] > interval:
@@ -734,6 +756,22 @@ def _tenant(raw: Any, tenant_path: str, defaults: _Parsed, ctx: _Context,
     token = source.read(key_path, ctx.environ)
     tenant = TenantConfig(name=own["name"][0], token=token, token_source=source, **values)
     return tenant, _token_warnings(tenant_path, source, key_path, token, warn_inline)
+
+
+SHARED_LIMIT_KEYS = ("base_url_max_requests_per_second", "base_url_max_requests_burst")
+
+
+def _check_shared_limit(tenant: TenantConfig, index: int, earlier: list[TenantConfig]) -> None:
+    """Tenants with one base_url share one request budget, so they must agree on it."""
+    for other_index, other in enumerate(earlier):
+        if other.base_url != tenant.base_url:
+            continue
+        for key in SHARED_LIMIT_KEYS:
+            if getattr(tenant, key) != getattr(other, key):
+                raise ConfigError(f"tenants[{index}].{key}", f"{getattr(tenant, key):g} differs from "
+                                  f"tenants[{other_index}] ({getattr(other, key):g}), which has the same "
+                                  "base_url and so the same budget; set it once, under defaults")
+        return
 
 
 # --- the Grafana datasource proxy ---------------------------------------------------------------------------
@@ -867,6 +905,7 @@ def _build(data: Any, environ: Mapping[str, str] | None, base_dir: str | os.Path
             raise ConfigError(f"tenants[{index}].name", f"{tenant.name} is already the name of "
                               f"tenants[{names[tenant.name]}]; tenant names must be unique")
         names[tenant.name] = index
+        _check_shared_limit(tenant, index, tenants)
         tenants.append(tenant)
         warnings.extend(tenant_warnings)
     proxy, proxy_warnings = _proxy(top["proxy"], names, ctx, warn_inline)

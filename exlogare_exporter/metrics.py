@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.metrics import disable_created_metrics
 from prometheus_client.platform_collector import PlatformCollector
@@ -15,7 +19,7 @@ from prometheus_client.samples import Sample
 from . import __version__
 from .parse import Overview, TopProject
 from .state import Store, TenantState
-from .stream import TenantStream
+from .stream import Counts, TenantStream
 
 SCHEDULED = "Refreshed from the Exlogare API on a schedule, not at scrape time."
 
@@ -24,6 +28,24 @@ OVERVIEW = "overview"
 TOP_PROJECTS = "top_projects"
 TOP_ROOT_CAUSES = "top_root_causes"
 TIMESERIES = "timeseries"
+
+# A tenant's samples come in pieces that change independently, `(what, value)`: equal values make the same
+# samples, so `exposition` renders again only the pieces whose value changed.
+Piece = tuple[Hashable, Any]
+HEALTH = "health"
+COUNTS = "counts"
+
+
+def tenant_pieces(state: TenantState, now: float) -> list[Piece]:
+    """The tenant's health, then each result young enough to export, in the order they are exposed."""
+    return [(HEALTH, (state.up, state.last_success, state.last_duration)),
+            *((key, fetched.value) for key, fetched in state.fresh_results(now))]
+
+
+def stream_pieces(stream: TenantStream) -> list[Piece]:
+    """The stream's counters, then its health."""
+    return [(COUNTS, stream.counts),
+            (HEALTH, (stream.state.newest, stream.up, stream.last_success, stream.catching_up))]
 
 
 class Families:
@@ -73,23 +95,30 @@ class Families:
                 self.duration]
 
     def add_tenant(self, state: TenantState, now: float) -> None:
-        name = state.name
-        self.up.add_metric([name], 1.0 if state.up else 0.0)
-        if state.last_success is not None:
-            self.last_success.add_metric([name], state.last_success)
-        if state.last_duration is not None:
-            self.duration.add_metric([name], state.last_duration)
-        for (kind, window), fetched in state.fresh_results(now):
-            if kind == OVERVIEW:
-                self._add_overview(name, window, fetched.value)
-            elif kind == TOP_PROJECTS:
-                self._add_projects(name, window, fetched.value)
-            elif kind == TOP_ROOT_CAUSES:
-                for rc in fetched.value:  # type: TopRootCause
-                    self.root_causes.add_metric([name, window, rc.root_cause, rc.severity], rc.count)
-            elif kind == TIMESERIES:
-                for day, failures in fetched.value:
-                    self.daily.add_metric([name, day], failures)
+        for piece in tenant_pieces(state, now):
+            self.add_piece(state.name, piece)
+
+    def add_piece(self, name: str, piece: Piece) -> None:
+        key, value = piece
+        if key == HEALTH:
+            up, last_success, last_duration = value
+            self.up.add_metric([name], 1.0 if up else 0.0)
+            if last_success is not None:
+                self.last_success.add_metric([name], last_success)
+            if last_duration is not None:
+                self.duration.add_metric([name], last_duration)
+            return
+        kind, window = key
+        if kind == OVERVIEW:
+            self._add_overview(name, window, value)
+        elif kind == TOP_PROJECTS:
+            self._add_projects(name, window, value)
+        elif kind == TOP_ROOT_CAUSES:
+            for rc in value:  # type: TopRootCause
+                self.root_causes.add_metric([name, window, rc.root_cause, rc.severity], rc.count)
+        elif kind == TIMESERIES:
+            for day, failures in value:
+                self.daily.add_metric([name, day], failures)
 
     def _add_overview(self, name: str, window: str, ov: Overview) -> None:
         self.failures.add_metric([name, window], ov.failures_detected)
@@ -117,18 +146,32 @@ class ExlogareCollector:
         return Families().all()
 
     def collect(self) -> Iterable[Metric]:
-        families = Families()
-        now = self._clock()
-        for state in self._store.snapshot().values():
-            families.add_tenant(state, now)
-        build = GaugeMetricFamily("exlogare_exporter_build_info",
-                                  "The exporter's version; constant 1.", labels=["version"])
-        build.add_metric([__version__], 1.0)
-        return [*families.all(), build]
+        return data_families(self._store.snapshot().values(), self._clock())
+
+
+def data_families(states: Iterable[TenantState], now: float) -> list[Metric]:
+    """The tenants' data and health families at `now`: every family, with or without samples."""
+    families = Families()
+    for state in states:
+        families.add_tenant(state, now)
+    return families.all()
+
+
+def data_piece_families(name: str, pieces: Iterable[Piece]) -> list[Metric]:
+    """Every data family, with the samples of some pieces of one tenant (`tenant_pieces`)."""
+    families = Families()
+    for piece in pieces:
+        families.add_piece(name, piece)
+    return families.all()
 
 
 def stream_families(streams: Iterable[TenantStream]) -> list[Metric]:
     """The RCA stream's families: counters, confidence histogram, newest RCA and the stream's health."""
+    return stream_piece_families((s.name, piece) for s in streams for piece in stream_pieces(s))
+
+
+def stream_piece_families(pieces: Iterable[tuple[str, Piece]]) -> list[Metric]:
+    """Every stream family, with the samples of `(tenant, piece)` pairs (`stream_pieces`)."""
     total = CounterMetricFamily(
         "exlogare_analyses", "RCAs that arrived since the exporter started, each counted once, by severity "
         "(and project or source when analyses_labels asks); from the /analyses stream.")
@@ -148,22 +191,62 @@ def stream_families(streams: Iterable[TenantStream]) -> list[Metric]:
         "exlogare_analyses_catching_up",
         "1 while a backlog larger than analyses_max_pages pages is being walked over several cycles.",
         labels=["tenant"])
-    for stream in streams:
-        name, counts = stream.name, stream.counts
-        label_names = ("tenant", "severity", *counts.labels)
-        for key, value in sorted(counts.totals.items()):
-            total.samples.append(Sample("exlogare_analyses_total", dict(zip(label_names, (name, *key),
-                                                                            strict=True)), float(value)))
-        for severity, histogram in counts.confidence.items():
-            confidence.add_metric([name, severity], histogram.cumulative(), histogram.total)
-        newest = stream.state.newest
+    for name, (kind, value) in pieces:
+        if kind == COUNTS:
+            counts: Counts = value
+            label_names = ("tenant", "severity", *counts.labels)
+            for key, n in sorted(counts.totals.items()):
+                total.samples.append(Sample("exlogare_analyses_total", dict(zip(label_names, (name, *key),
+                                                                                strict=True)), float(n)))
+            for severity, histogram in counts.confidence.items():
+                confidence.add_metric([name, severity], histogram.cumulative(), histogram.total)
+            continue
+        newest, stream_up, stream_last_success, stream_catching_up = value
         if newest is not None:
             latest.add_metric([name], newest.timestamp())
-        up.add_metric([name], 1.0 if stream.up else 0.0)
-        if stream.last_success is not None:
-            last_success.add_metric([name], stream.last_success)
-        catching_up.add_metric([name], 1.0 if stream.catching_up else 0.0)
+        up.add_metric([name], 1.0 if stream_up else 0.0)
+        if stream_last_success is not None:
+            last_success.add_metric([name], stream_last_success)
+        catching_up.add_metric([name], 1.0 if stream_catching_up else 0.0)
     return [total, confidence, latest, up, last_success, catching_up]
+
+
+@dataclass(frozen=True)
+class TenantRequests:
+    """A tenant's upstream requests so far, by `(endpoint, code)`; swapped whole into a `Store`."""
+
+    name: str
+    counts: Mapping[tuple[str, str], int]
+
+
+def request_pieces(requests: TenantRequests) -> list[Piece]:
+    return [(COUNTS, requests.counts)]
+
+
+def request_piece_families(pieces: Iterable[tuple[str, Piece]]) -> list[Metric]:
+    """`exlogare_upstream_requests_total`, with the samples of `(tenant, piece)` pairs (`request_pieces`)."""
+    family = CounterMetricFamily(
+        "exlogare_upstream_requests", "HTTP requests made to the Exlogare API, by endpoint and outcome "
+        "(status code, or timeout, connection, invalid_body); retries count one each.",
+        labels=["tenant", "endpoint", "code"])
+    for name, (_, counts) in pieces:
+        for (endpoint, code), n in counts.items():
+            family.add_metric([name, endpoint, code], float(n))
+    return [family]
+
+
+class RequestCollector:
+    """The upstream request counters from their store's snapshot."""
+
+    def __init__(self, requests: Store[TenantRequests]) -> None:
+        self._requests = requests
+
+    def describe(self) -> list[Metric]:
+        return request_piece_families(())
+
+    def collect(self) -> Iterable[Metric]:
+        return request_piece_families((r.name, piece) for r in self._requests.snapshot().values()
+                                      for piece in request_pieces(r))
 
 
 class StreamCollector:
@@ -185,40 +268,50 @@ class ExporterMetrics:
     def __init__(self, store: Store, clock: Callable[[], float] = time.time,
                  streams: Store[TenantStream] | None = None) -> None:
         disable_created_metrics()  # `_created` series would double the counters' cardinality for no use
+        self.store = store
+        self.clock = clock
+        # `registry` is the whole exposition: the families built from the stores' snapshots, then `live`.
         self.registry = CollectorRegistry()
         self.registry.register(ExlogareCollector(store, clock))
         self.streams: Store[TenantStream] = streams if streams is not None else Store()
         self.registry.register(StreamCollector(self.streams))
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        self.upstream_requests = Counter(
-            "exlogare_upstream_requests", "HTTP requests made to the Exlogare API, by endpoint and outcome "
-            "(status code, or timeout, connection, invalid_body); retries count one each.",
-            ["tenant", "endpoint", "code"], registry=self.registry)
-        self._request_labels: set[tuple[str, str, str]] = set()
+        # Upstream requests per tenant: a store too (a few thousand series at a thousand tenants, and most
+        # tenants' counts do not move between two scrapes), so /metrics renders only the tenants that did.
+        self.requests: Store[TenantRequests] = Store()
+        self._requests_lock = threading.Lock()
+        self.registry.register(RequestCollector(self.requests))
+        # `live`: the small, fast-changing rest (gauges, process), which /metrics renders at every scrape
+        # while it caches the snapshot part (see `exposition`). Register new instruments here.
+        self.live = CollectorRegistry()
+        self.registry.register(self.live)
+        ProcessCollector(registry=self.live)
+        PlatformCollector(registry=self.live)
+        Gauge("exlogare_exporter_build_info", "The exporter's version; constant 1.", ["version"],
+              registry=self.live).labels(__version__).set(1)
         # Also told of every upstream attempt, as (tenant, endpoint, code): the proxy counts its own share.
         self.response_listeners: list[Callable[[str, str, str], None]] = []
         self.reload_ok = Gauge(
             "exlogare_config_last_reload_successful", "1 when the last configuration (re)load succeeded.",
-            registry=self.registry)
+            registry=self.live)
         self.reload_time = Gauge(
             "exlogare_config_last_reload_success_timestamp_seconds",
-            "Unix time of the last successful configuration load.", registry=self.registry)
+            "Unix time of the last successful configuration load.", registry=self.live)
 
     def on_response(self, tenant: str) -> Callable[[str, str], None]:
         """The client's per-attempt callback for one tenant."""
         def record(endpoint: str, code: str) -> None:
-            self._request_labels.add((tenant, endpoint, code))
-            self.upstream_requests.labels(tenant, endpoint, code).inc()
+            with self._requests_lock:
+                counts = dict(prev.counts) if (prev := self.requests.get(tenant)) else {}
+                counts[(endpoint, code)] = counts.get((endpoint, code), 0) + 1
+                self.requests.put(TenantRequests(tenant, MappingProxyType(counts)))
             for listener in self.response_listeners:
                 listener(tenant, endpoint, code)
         return record
 
     def forget_tenant(self, tenant: str) -> None:
         """Drop a removed tenant's request counters, so its series end with it."""
-        for labels in [lv for lv in self._request_labels if lv[0] == tenant]:
-            self._request_labels.discard(labels)
-            self.upstream_requests.remove(*labels)
+        with self._requests_lock:
+            self.requests.retain(set(self.requests.snapshot()) - {tenant})
 
     def config_loaded(self, ok: bool, now: float | None = None) -> None:
         self.reload_ok.set(1 if ok else 0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -157,20 +156,17 @@ def _merge(rows: Iterable[tuple[K, tuple[int, ...]]]) -> dict[K, tuple[int, ...]
     return merged
 
 
-def _clean_char(ch: str) -> str:
-    category = unicodedata.category(ch)
-    if category == "Cs":
-        return "\ufffd"  # a lone surrogate from JSON cannot be encoded as UTF-8 at scrape time
-    if category == "Cc":
-        return " "  # control characters are noise in a label; treat them like whitespace
-    return ch
+# Unicode's Cc (control characters: noise in a label, treated like whitespace) and Cs (lone surrogates from
+# JSON, which cannot be encoded as UTF-8 at scrape time), as character ranges: a regex, not a loop in Python.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def sanitize_label(text: str, max_len: int) -> str:
     """Make free text safe and bounded as a label value: one line, no runs of blanks, at most max_len."""
     if max_len < 1:
         raise ValueError(f"max_len must be at least 1, got {max_len}")
-    cleaned = "".join(_clean_char(ch) for ch in text)
+    cleaned = _SURROGATE.sub("\ufffd", _CONTROL.sub(" ", text))
     cleaned = _WHITESPACE.sub(" ", cleaned).strip()
     cleaned = cleaned[:max_len].rstrip()
     return cleaned or UNKNOWN_LABEL[:max_len]

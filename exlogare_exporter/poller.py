@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -18,7 +20,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from . import stream
-from .client import BadRequest, ExlogareClient, InvalidBody, UpstreamError
+from .client import BadRequest, ExlogareClient, InvalidBody, SharedLimits, UpstreamError
 from .config import Config, TenantConfig
 from .metrics import OVERVIEW, TIMESERIES, TOP_PROJECTS, TOP_ROOT_CAUSES, ExporterMetrics
 from .parse import (
@@ -33,8 +35,27 @@ from .stream import TenantStream
 
 log = logging.getLogger(__name__)
 
-# Fast enough that a handful of tenants all start at once, slow enough that a thousand spread their phases.
-STAGGER_STEP = 0.1
+# The first round: a handful of tenants start at once, a thousand queue on the executor in order. Later
+# rounds follow `SpreadTrigger`: each tenant keeps its own phase, the phases spread evenly over the interval.
+STAGGER_STEP = 0.01
+
+
+class SpreadTrigger(IntervalTrigger):
+    """Fires at `start_date + k × interval` (k ≥ 1 after a first run), plus a fresh jitter each time.
+
+    APScheduler's `IntervalTrigger` schedules `previous (jittered) + interval + jitter`, so the jitter adds
+    up: phases drift, tenants bunch together over time and the mean interval is `interval + jitter / 2`.
+    Here every run keeps to its phase's grid, so phases spread at start-up stay spread."""
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime | None:
+        start, length = self.start_date.timestamp(), self.interval_length
+        if previous_fire_time is None:
+            slot = max(0, math.ceil((now.timestamp() - start) / length))
+        else:  # the slot after the previous run's (jitter only ever delays); a first run before the phase,
+            # which starts the grid, is followed by the grid's second slot: never sooner than an interval
+            slot = max(1, math.floor((previous_fire_time.timestamp() - start) / length + 1e-6) + 1)
+        moment = start + slot * length + (random.uniform(0, self.jitter) if self.jitter else 0.0)  # noqa: S311
+        return datetime.fromtimestamp(moment, tz=self.timezone)
 
 
 @dataclass(frozen=True)
@@ -87,6 +108,7 @@ class Poller:
         self._metrics = metrics
         self._clock = clock
         self._client_factory = client_factory
+        self.shared_limits = SharedLimits()  # one budget per base URL (`base_url_max_requests_per_second`)
         self._tenants: dict[str, _Tenant] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -120,8 +142,12 @@ class Poller:
                     data_changed = old is not None and _data_changed(old.config, cfg)
                     self.streams.put(stream.adopt(self.streams.get(name), cfg, data_changed, self._clock()))
                 on_response = self._metrics.on_response(name) if self._metrics else None
-                self._tenants[name] = _Tenant(cfg, self._client_factory(cfg, on_response=on_response))
+                shared = self.shared_limits.bucket(cfg)
+                extra = {"shared": shared} if shared is not None else {}  # test factories may not take it
+                client = self._client_factory(cfg, on_response=on_response, **extra)
+                self._tenants[name] = _Tenant(cfg, client)
                 changed.append(name)
+            self.shared_limits.retain({cfg.base_url for cfg in wanted.values()})
             self.store.retain(set(wanted))
             self.streams.retain({name for name, cfg in wanted.items() if cfg.analyses_interval})
             if self._scheduler is not None:
@@ -159,18 +185,21 @@ class Poller:
         self._scheduler.start()
 
     def _schedule(self, name: str, index: int, count: int) -> None:
+        """First run soon (`index` steps from now), later runs at phase `index / count` of the interval."""
         assert self._scheduler is not None
         cfg = self._tenants[name].config
+        now = datetime.now(UTC)
         step = min(STAGGER_STEP, cfg.interval / max(count, 1))
-        first = datetime.now(UTC) + timedelta(seconds=index * step)
-        trigger = IntervalTrigger(seconds=cfg.interval, start_date=first, jitter=cfg.jitter or None,
-                                  timezone=UTC)
+        first = now + timedelta(seconds=index * step)
+        phase = now + timedelta(seconds=cfg.interval * index / max(count, 1))
+        trigger = SpreadTrigger(seconds=cfg.interval, start_date=phase, jitter=cfg.jitter or None,
+                                timezone=UTC)
         self._scheduler.add_job(
             self._job, trigger, args=[name], id=name, name=f"refresh {name}", replace_existing=True,
             next_run_time=first, coalesce=True, max_instances=1, misfire_grace_time=int(cfg.interval))
-        self._schedule_stream(cfg, first + timedelta(seconds=step / 2))
+        self._schedule_stream(cfg, first + timedelta(seconds=step / 2), now, (index + 0.5) / max(count, 1))
 
-    def _schedule_stream(self, cfg: TenantConfig, first: datetime) -> None:
+    def _schedule_stream(self, cfg: TenantConfig, first: datetime, now: datetime, phase: float) -> None:
         """The tenant's /analyses walk: its own job on the same executor, or none when it is turned off."""
         assert self._scheduler is not None
         job_id = _stream_job_id(cfg.name)
@@ -180,7 +209,8 @@ class Poller:
             return
         interval = cfg.analyses_interval
         jitter = min(cfg.jitter, 0.1 * interval)  # the stats jitter could be longer than a short interval
-        trigger = IntervalTrigger(seconds=interval, start_date=first, jitter=jitter or None, timezone=UTC)
+        trigger = SpreadTrigger(seconds=interval, start_date=now + timedelta(seconds=interval * phase),
+                                jitter=jitter or None, timezone=UTC)
         self._scheduler.add_job(
             self._job, trigger, args=[cfg.name, True], id=job_id, name=f"walk /analyses {cfg.name}",
             replace_existing=True, next_run_time=first, coalesce=True, max_instances=1,

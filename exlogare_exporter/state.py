@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,12 @@ class TenantState:
     def fresh_results(self, now: float) -> list[tuple[ResultKey, Fetched]]:
         """Results young enough to export; older ones are dropped rather than shown as current."""
         return [(k, f) for k, f in self.results.items() if now - f.at <= self.max_staleness]
+
+    def fresh_until(self, now: float) -> float:
+        """When `fresh_results` next changes by time alone (the first fresh result to expire); inf if never.
+
+        Results already stale stay stale as time goes on, so a rendering made at `now` holds until then."""
+        return min((f.at + self.max_staleness for _, f in self.fresh_results(now)), default=math.inf)
 
 
 class Named(Protocol):

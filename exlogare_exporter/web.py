@@ -55,8 +55,11 @@ class ExporterApp:
     def __init__(self, registry: CollectorRegistry, store: Store, tenants: Callable[[], list[str]],
                  next_run: Callable[[str], float | None] = lambda name: None,
                  streams: Store[TenantStream] | None = None, *,
-                 access: AccessControl | None = None, proxy: WSGIApp | None = None) -> None:
-        self._metrics = make_wsgi_app(registry)
+                 access: AccessControl | None = None, proxy: WSGIApp | None = None,
+                 metrics_app: WSGIApp | None = None) -> None:
+        """`metrics_app` serves /metrics (the exporter's is `exposition.CachedExposition`); without it, the
+        plain client_python app renders `registry` at every scrape."""
+        self._metrics = metrics_app if metrics_app is not None else make_wsgi_app(registry)
         self._access = access
         self._proxy = proxy  # the Grafana datasource proxy under /proxy/ (its own auth and methods)
         self._store = store

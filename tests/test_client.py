@@ -59,6 +59,7 @@ class Tenant:
     ca_file: str | None = None
     max_response_bytes: int = 1_000_000
     max_requests_per_second: float = 0.0
+    max_requests_burst: float = 1.0
 
 
 class FakeClock:
