@@ -1,13 +1,15 @@
 """HTTP client for one tenant's Exlogare Read API v1.
 
-One `requests.Session` per tenant. Retries are urllib3's `Retry` (a subclass that reports every retried
-attempt and refuses to sleep through a long `Retry-After`); everything that can go wrong ends as an
-`UpstreamError` with a short, token-free message that names the tenant.
+One `requests.Session` per tenant, whose adapter gets each request directly (the poller's tenants of one
+server share its keep-alive connections: a `deadline.pool_manager`). Retries are urllib3's `Retry` (a
+subclass that reports every retried attempt and refuses to sleep through a long `Retry-After`); everything
+that can go wrong ends as an `UpstreamError` with a short, token-free message that names the tenant.
 """
 
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import logging
 import math
@@ -20,8 +22,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import requests
 from requests.auth import AuthBase
+from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError, ResponseError
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
+from urllib3.poolmanager import PoolManager
 from urllib3.util.retry import Retry
 
 from . import __version__, deadline
@@ -369,6 +373,25 @@ def _read_capped(response: requests.Response, limit: int) -> tuple[bytes, bool]:
     return b"".join(chunks), True
 
 
+def _prepared_url(url: str, params: tuple[tuple[str, Any], ...]) -> str:
+    """The URL with its query, as requests prepares it (quoting, IDNA, `None` values left out)."""
+    try:
+        return _prepared_url_cached(url, params)
+    except TypeError:  # an unhashable parameter value
+        return _prepare_url(url, params)
+
+
+def _prepare_url(url: str, params: tuple[tuple[str, Any], ...]) -> str:
+    request = requests.PreparedRequest()
+    request.prepare_url(url, list(params))
+    return str(request.url)
+
+
+# The stats calls of every tenant of a server ask for the same few URLs each interval; preparing one costs
+# as much CPU as parsing the answer.
+_prepared_url_cached = functools.lru_cache(maxsize=1024)(_prepare_url)
+
+
 class _BearerAuth(AuthBase):
     """Puts the token on each request as it is sent; nothing else in the client touches its value."""
 
@@ -401,13 +424,15 @@ class ExlogareClient:
 
     def __init__(self, tenant: TenantConfig, on_response: Callable[[str, str], None] | None = None,
                  limiter: Limiter | None = None, *, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep, shared: TokenBucket | None = None) -> None:
+                 sleep: Callable[[float], None] = time.sleep, shared: TokenBucket | None = None,
+                 pools: PoolManager | None = None) -> None:
         """`limiter` replaces the tenant's own bucket (`max_requests_per_second`); `shared` is the bucket of
-        its base URL (`SharedLimits`), taken after it and held back on a Retry-After like the tenant."""
+        its base URL (`SharedLimits`), taken after it and held back on a Retry-After like the tenant; `pools`
+        (`deadline.pool_manager`) are connections shared with the other tenants' clients, else it has its own.
+        """
         self._name: str = tenant.name
         self._base = tenant.base_url.rstrip("/") + API_PREFIX
         self._timeout = (tenant.connect_timeout, tenant.timeout)
-        self._verify: str | bool = str(tenant.ca_file) if tenant.ca_file else True
         self._max_bytes: int = tenant.max_response_bytes
         # connect + read timeout, from request to last byte: a trickling upstream cannot hold a refresh longer
         self._attempt_budget = tenant.connect_timeout + tenant.timeout
@@ -433,9 +458,17 @@ class ExlogareClient:
         )
         self._session = requests.Session()
         self._session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
-        adapter = DeadlineAdapter(max_retries=retry)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
+        self._adapter = DeadlineAdapter(max_retries=retry, pools=pools)
+        self._session.mount("http://", self._adapter)
+        self._session.mount("https://", self._adapter)
+        # What `Session.request` would work out for every request, once: the proxies and CA bundle the
+        # environment names (HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE...) for this base URL and the headers.
+        # Per request, that costs more CPU than the rest of the call; requests go straight to the adapter.
+        verify: str | bool = str(tenant.ca_file) if tenant.ca_file else True
+        settings = self._session.merge_environment_settings(self._base + "/", {}, True, verify, None)
+        self._proxies: dict[str, str] = settings["proxies"]
+        self._verify: str | bool = settings["verify"]
+        self._headers = dict(self._session.headers)
 
     def __repr__(self) -> str:
         return f"ExlogareClient(tenant={self._name!r})"
@@ -482,10 +515,8 @@ class ExlogareClient:
                label: str) -> tuple[requests.Response, bytes, bool]:
         """Send the request and read the (capped) body; each attempt within its `deadline` budget."""
         try:
-            response = self._session.get(
-                self._base + endpoint, params=params, auth=self._auth, timeout=self._timeout,
-                verify=self._verify, allow_redirects=False, stream=True,
-            )
+            response = self._adapter.send(self._prepare(endpoint, params), stream=True, timeout=self._timeout,
+                                          verify=self._verify, proxies=self._proxies)
         except requests.RequestException as exc:
             raise self._failed(label, self._transport_error(endpoint, exc)) from None
         with response:
@@ -501,6 +532,17 @@ class ExlogareClient:
         if deadline.expired():  # a body without Content-Length just ends when the socket is shut
             raise self._failed(label, self._transport_error(endpoint, None))
         return response, body, complete
+
+    def _prepare(self, endpoint: str, params: dict[str, Any]) -> requests.PreparedRequest:
+        """The request `Session.get` would send, without its per-request merging: no cookies (a token API
+        sets none), never a redirect followed (the adapter does not follow them; 3xx is an error here)."""
+        request = requests.PreparedRequest()
+        request.method = "GET"
+        request.url = _prepared_url(self._base + endpoint, tuple(params.items()))
+        request.headers = CaseInsensitiveDict(self._headers)
+        request.body = None
+        request.prepare_auth(self._auth)
+        return request
 
     def _report(self, label: str, code: str) -> None:
         if self._on_response is not None:

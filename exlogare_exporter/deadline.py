@@ -13,33 +13,42 @@ mount `DeadlineAdapter` on the session. `expired()` tells the caller that the cu
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 import threading
 import time
 from typing import Any
 
+from requests import PreparedRequest
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.poolmanager import PoolManager
 
 _local = threading.local()  # .budget: seconds per attempt; .conn: the connection of the current attempt
 
 
 class _Watchdog:
-    """One daemon thread that shuts down the sockets of attempts past their deadline."""
+    """One daemon thread that shuts down the sockets of attempts past their deadline.
+
+    It sleeps until the earliest deadline and is woken only when an attempt arms an earlier one: with equal
+    budgets that is rare, so a thousand requests a second cost it no wake-up each."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._armed: dict[int, tuple[float, _Timed]] = {}
         self._thread: threading.Thread | None = None
+        self._wakes_at = math.inf  # when the thread wakes by itself (inf: only when notified)
 
     def arm(self, conn: _Timed, seconds: float) -> None:
+        at = time.monotonic() + seconds
         with self._cond:
-            self._armed[id(conn)] = (time.monotonic() + seconds, conn)
+            self._armed[id(conn)] = (at, conn)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="upstream-deadlines", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if at < self._wakes_at:
+                self._cond.notify()
 
     def disarm(self, conn: _Timed) -> None:
         with self._cond:
@@ -49,11 +58,13 @@ class _Watchdog:
         while True:
             with self._cond:
                 if not self._armed:
+                    self._wakes_at = math.inf
                     self._cond.wait()
                     continue
                 key, (at, conn) = min(self._armed.items(), key=lambda item: item[1][0])
                 wait = at - time.monotonic()
                 if wait > 0:
+                    self._wakes_at = at
                     self._cond.wait(wait)
                     continue
                 del self._armed[key]
@@ -117,11 +128,64 @@ class _HTTPSPool(HTTPSConnectionPool):
 
 
 class DeadlineAdapter(HTTPAdapter):
-    """An `HTTPAdapter` whose connections honour `begin()`'s budget."""
+    """An `HTTPAdapter` whose connections honour `begin()`'s budget.
+
+    With `pools` (from `pool_manager`) its connections come from that shared manager, which `close()` leaves
+    open: the clients of many tenants of one server then share a few keep-alive connections.
+    """
+
+    def __init__(self, *args: Any, pools: PoolManager | None = None, **kwargs: Any) -> None:
+        self._shared_pools = pools  # before super().__init__, which calls init_poolmanager
+        self._pool_keys: dict[tuple[str, bool | str, Any], tuple[dict[str, Any], dict[str, Any]]] = {}
+        super().__init__(*args, **kwargs)
+
+    def build_connection_pool_key_attributes(self, request: PreparedRequest, verify: bool | str,
+                                             cert: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """requests' own answer, kept per server and TLS settings: it looks at the disk (is `verify` a CA
+        file or a directory?) on every request otherwise."""
+        url = str(request.url)
+        origin = url[:url.find("/", url.find("//") + 2)] if url.count("/") > 2 else url
+        key = (origin, verify, cert if cert is None or isinstance(cert, str) else tuple(cert))
+        found = self._pool_keys.get(key)
+        if found is None:
+            found = super().build_connection_pool_key_attributes(request, verify, cert)
+            if len(self._pool_keys) < 64:
+                self._pool_keys[key] = found
+        host_params, pool_kwargs = found
+        return dict(host_params), dict(pool_kwargs)
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        if self._shared_pools is not None:
+            self.poolmanager = self._shared_pools
+            return
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        self.poolmanager.pool_classes_by_scheme = dict(POOL_CLASSES)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        """Through an HTTP(S) proxy too (HTTP_PROXY...), each attempt keeps to its budget."""
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):
+            manager.pool_classes_by_scheme = dict(POOL_CLASSES)
+        return manager
+
+    def close(self) -> None:
+        if self._shared_pools is None:
+            super().close()
+            return
+        for proxy in self.proxy_manager.values():
+            proxy.clear()
+
+
+POOL_CLASSES = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
+def pool_manager(maxsize: int, num_pools: int = 1000) -> PoolManager:
+    """Connection pools to share between `DeadlineAdapter`s: one per server (and TLS settings), each keeping
+    up to `maxsize` idle connections. A pool smaller than the requests in flight to its server would close
+    (and urllib3 warn about) the surplus after each answer, and the next requests would connect anew."""
+    manager = PoolManager(num_pools=num_pools, maxsize=maxsize, block=False)
+    manager.pool_classes_by_scheme = dict(POOL_CLASSES)
+    return manager
 
 
 def begin(seconds: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -15,11 +16,12 @@ from functools import partial
 from types import MappingProxyType
 from typing import Any
 
-from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.executors.pool import BasePoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
+from urllib3.poolmanager import PoolManager
 
-from . import stream
+from . import deadline, stream
 from .client import BadRequest, ExlogareClient, InvalidBody, SharedLimits, UpstreamError
 from .config import Config, TenantConfig
 from .metrics import OVERVIEW, TIMESERIES, TOP_PROJECTS, TOP_ROOT_CAUSES, ExporterMetrics
@@ -38,6 +40,9 @@ log = logging.getLogger(__name__)
 # The first round: a handful of tenants start at once, a thousand queue on the executor in order. Later
 # rounds follow `SpreadTrigger`: each tenant keeps its own phase, the phases spread evenly over the interval.
 STAGGER_STEP = 0.01
+# Upstream requests in flight besides the `concurrency` refreshes and walks: the Grafana proxy's (its HTTP
+# threads, `app.PROXY_HTTP_THREADS`). The connection pool of each server keeps this many more connections.
+POOL_SPARE = 16
 
 
 class SpreadTrigger(IntervalTrigger):
@@ -56,6 +61,23 @@ class SpreadTrigger(IntervalTrigger):
             slot = max(1, math.floor((previous_fire_time.timestamp() - start) / length + 1e-6) + 1)
         moment = start + slot * length + (random.uniform(0, self.jitter) if self.jitter else 0.0)  # noqa: S311
         return datetime.fromtimestamp(moment, tz=self.timezone)
+
+
+class WorkerPool(BasePoolExecutor):
+    """APScheduler's thread pool, with all its `workers` started at once.
+
+    A pool that starts threads as jobs first overlap grows for as long as the exporter runs into busier
+    moments (a slow upstream, a reload); started up front, the thread count is the same from start-up on and
+    a thread more is a leak. Idle threads cost next to nothing."""
+
+    def __init__(self, workers: int) -> None:
+        pool = FuturesPool(workers, thread_name_prefix="refresh")
+        started = threading.Barrier(workers + 1)
+        for _ in range(workers):  # each waits for all the others: the pool has to start `workers` threads
+            pool.submit(started.wait, 10)
+        with contextlib.suppress(threading.BrokenBarrierError):  # slow to start: they are on their way
+            started.wait(10)
+        super().__init__(pool)
 
 
 @dataclass(frozen=True)
@@ -109,6 +131,8 @@ class Poller:
         self._clock = clock
         self._client_factory = client_factory
         self.shared_limits = SharedLimits()  # one budget per base URL (`base_url_max_requests_per_second`)
+        # Keep-alive connections per server, shared by its tenants' clients: a few dozen, not one per tenant.
+        self.pools: PoolManager | None = None
         self._tenants: dict[str, _Tenant] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -127,6 +151,8 @@ class Poller:
                             self.concurrency, config.concurrency)
             else:
                 self.concurrency = config.concurrency
+            if self.pools is None:  # sized once, like the executor: concurrency changes at a restart
+                self.pools = deadline.pool_manager(maxsize=self.concurrency + POOL_SPARE)
             wanted = {t.name: t for t in config.tenants}
             for name in [n for n in self._tenants if n not in wanted]:
                 self._drop(name)
@@ -143,7 +169,9 @@ class Poller:
                     self.streams.put(stream.adopt(self.streams.get(name), cfg, data_changed, self._clock()))
                 on_response = self._metrics.on_response(name) if self._metrics else None
                 shared = self.shared_limits.bucket(cfg)
-                extra = {"shared": shared} if shared is not None else {}  # test factories may not take it
+                extra: dict[str, Any] = {"pools": self.pools}
+                if shared is not None:
+                    extra["shared"] = shared
                 client = self._client_factory(cfg, on_response=on_response, **extra)
                 self._tenants[name] = _Tenant(cfg, client)
                 changed.append(name)
@@ -177,7 +205,7 @@ class Poller:
     def start(self) -> None:
         """Start the scheduler; every tenant's first refresh starts at once, a step apart."""
         self._scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=self.concurrency)}, timezone=UTC)
+            executors={"default": WorkerPool(self.concurrency)}, timezone=UTC)
         with self._lock:
             names = list(self._tenants)
             for index, name in enumerate(names):
@@ -236,6 +264,8 @@ class Poller:
         with self._lock:
             for tenant in self._tenants.values():
                 tenant.client.close()
+            if self.pools is not None:
+                self.pools.clear()
         return not self._busy
 
     # --- refreshing ----------------------------------------------------------------------------------------

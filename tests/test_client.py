@@ -18,7 +18,7 @@ import pytest
 import requests
 import responses
 
-from exlogare_exporter import __version__
+from exlogare_exporter import __version__, deadline
 from exlogare_exporter.client import (
     RETRY_AFTER_CAP,
     AuthError,
@@ -497,14 +497,18 @@ def test_transport_errors_are_mapped(make: Any, seen: Recorder, exc: Exception, 
 class _Script:
     """A loopback HTTP server answering from a list of (status, headers, body); the last one repeats."""
 
-    def __init__(self, replies: list[tuple[int, dict[str, str], bytes]]) -> None:
+    def __init__(self, replies: list[tuple[int, dict[str, str], bytes]], keep_alive: bool = False) -> None:
         self.replies = list(replies)
         self.paths: list[str] = []
+        self.peers: list[int] = []  # the client's port of each request: one per connection
         script = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
             def do_GET(self) -> None:
                 script.paths.append(self.path)
+                script.peers.append(self.client_address[1])
                 replies = script.replies
                 status, headers, body = replies.pop(0) if len(replies) > 1 else replies[0]
                 self.send_response(status)
@@ -530,8 +534,8 @@ class _Script:
 def script() -> Iterator[Any]:
     servers: list[_Script] = []
 
-    def start(*replies: tuple[int, dict[str, str], bytes]) -> _Script:
-        servers.append(_Script(list(replies)))
+    def start(*replies: tuple[int, dict[str, str], bytes], keep_alive: bool = False) -> _Script:
+        servers.append(_Script(list(replies), keep_alive))
         return servers[-1]
 
     yield start
@@ -802,3 +806,74 @@ def test_tenant_stand_in_matches_what_the_client_reads() -> None:
         assert repr(client) == "ExlogareClient(tenant='other')"
     finally:
         client.close()
+
+
+# --- connections, the environment, URLs --------------------------------------------------------------------
+
+
+def test_clients_sharing_pools_share_keep_alive_connections(script: Any) -> None:
+    server = script((200, {}, json.dumps(OVERVIEW).encode()), keep_alive=True)
+    pools = deadline.pool_manager(maxsize=4)
+    a, b = (ExlogareClient(Tenant(name=name, base_url=server.url), pools=pools) for name in ("a", "b"))
+    try:
+        for _ in range(3):
+            assert get_overview(a).failures_detected == 4
+            assert get_overview(b).failures_detected == 4
+        a.close()  # closes its own things, not the connections the others use
+        assert get_overview(b).failures_detected == 4
+    finally:
+        b.close()
+    assert len(server.paths) == 7
+    assert len(set(server.peers)) == 1  # one connection for both tenants, kept alive throughout
+    pools.clear()
+
+
+def test_a_client_of_its_own_keeps_its_connection_alive(script: Any) -> None:
+    server = script((200, {}, json.dumps(OVERVIEW).encode()), keep_alive=True)
+    client = ExlogareClient(Tenant(base_url=server.url))
+    try:
+        for _ in range(3):
+            get_overview(client)
+    finally:
+        client.close()
+    assert len(server.peers) == 3 and len(set(server.peers)) == 1
+
+
+def test_the_environment_proxy_is_honoured(script: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = script((200, {}, json.dumps(OVERVIEW).encode()))  # any HTTP server takes a proxied request
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = ExlogareClient(Tenant(base_url="http://upstream.invalid:8080"))
+    try:
+        assert get_overview(client).failures_detected == 4
+    finally:
+        client.close()
+    assert proxy.paths == ["http://upstream.invalid:8080/api/v1/stats/overview?days=7"]
+
+
+def test_no_proxy_is_honoured(script: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = script((200, {}, json.dumps(OVERVIEW).encode()))
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{_free_port()}")  # nobody there
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    client = ExlogareClient(Tenant(base_url=server.url))
+    try:
+        assert get_overview(client).failures_detected == 4
+    finally:
+        client.close()
+    assert server.paths == ["/api/v1/stats/overview?days=7"]
+
+
+@responses.activate
+@pytest.mark.parametrize(("params", "query"), [
+    ({"days": 7, "limit": 10}, "?days=7&limit=10"),
+    ({"since": "2026-01-01T00:00:00+00:00", "cursor": None}, "?since=2026-01-01T00%3A00%3A00%2B00%3A00"),
+    ({"severity": ["low", "high"]}, "?severity=low&severity=high"),  # unhashable: prepared without the cache
+    ({}, ""),
+])
+def test_query_strings_are_what_requests_makes_of_them(make: Any, params: dict[str, Any], query: str) -> None:
+    responses.add(responses.GET, BASE + "/api/v1/analyses", json={"items": [], "next_cursor": None})
+    client = make()
+    for _ in range(2):  # the second time from the cache
+        client.get("/analyses", params, lambda o: o)
+    assert [c.request.url for c in responses.calls] == [BASE + "/api/v1/analyses" + query] * 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from datetime import date
@@ -13,7 +14,7 @@ from prometheus_client import generate_latest
 
 from exlogare_exporter.config import Config, parse_config
 from exlogare_exporter.metrics import ExporterMetrics
-from exlogare_exporter.poller import Poller, plan_calls
+from exlogare_exporter.poller import POOL_SPARE, Poller, plan_calls
 from exlogare_exporter.simulator import Simulator, SimulatorServer
 from exlogare_exporter.state import Store
 from tests.support import parse_metrics, samples, wait_until
@@ -191,3 +192,39 @@ def test_stop_does_not_wait_for_a_stuck_refresh(sim: tuple[Simulator, str]) -> N
     started = time.monotonic()
     assert poller.stop(wait=0.5) is False
     assert time.monotonic() - started < 2
+
+
+def test_tenants_of_one_server_share_its_keep_alive_connections(sim: tuple[Simulator, str]) -> None:
+    simulator, url = sim
+    for name in ("t1", "t2", "t3"):
+        simulator.add_tenant(name, history_days=5, per_day=3)
+    config = make_config(url, simulator, tenants=("acme", "lab", "t1", "t2", "t3"), analyses_interval=0)
+    poller, _ = make_poller(config)
+    assert poller.pools is not None
+    try:
+        assert all(s.up for s in poller.refresh_all())
+        assert len(poller.pools.pools) == 1
+        pool = poller.pools.pools[next(iter(poller.pools.pools.keys()))]
+        assert pool.num_requests == 5 * 10  # every tenant's calls went through this one pool...
+        assert pool.num_connections <= config.concurrency  # ...on at most one connection per worker
+        assert pool.pool is not None and pool.pool.maxsize == config.concurrency + POOL_SPARE
+        poller.apply(make_config(url, simulator, tenants=("acme",), analyses_interval=0))  # a reload
+        assert poller.refresh("acme") is not None
+        keys = list(poller.pools.pools.keys())
+        assert len(keys) == 1 and poller.pools.pools[keys[0]] is pool  # the dropped clients left it open
+        assert pool.num_connections <= config.concurrency
+    finally:
+        poller.stop()
+    assert len(poller.pools.pools) == 0  # stop closes them
+
+
+def test_the_workers_are_started_with_the_scheduler(sim: tuple[Simulator, str]) -> None:
+    simulator, url = sim
+    poller, _ = make_poller(make_config(url, simulator))
+    before = {t.name for t in threading.enumerate()}
+    poller.start()
+    try:
+        workers = [t for t in threading.enumerate() if t.name.startswith("refresh") and t.name not in before]
+        assert len(workers) == poller.concurrency == 2  # all there before the first job needs them
+    finally:
+        poller.stop()

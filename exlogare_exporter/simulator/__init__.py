@@ -1,7 +1,7 @@
 """A faithful fake of the Exlogare Read API v1: many tenants, seeded history, faults, a control API.
 
 Used by the exporter's demo mode, its integration and fault-injection tests, and benchmarks. Only the
-standard library and waitress. Run it with `python -m exlogare_exporter.simulator --help`.
+standard library. Run it with `python -m exlogare_exporter.simulator --help`.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ is a fake, bound to loopback by default. Its requests are not logged.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -36,11 +37,18 @@ def _path(environ: Environ) -> str:
     return environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace") or "/"
 
 
+@functools.lru_cache(maxsize=128)
 def _status_line(status: int) -> str:
     try:
         return f"{status} {HTTPStatus(status).phrase}"
     except ValueError:
         return f"{status} Unknown"
+
+
+@functools.lru_cache(maxsize=1024)
+def _query_pairs(raw: str) -> tuple[tuple[str, str], ...]:
+    """A query string's parameters; the same few come again and again (each tenant, each interval)."""
+    return tuple(parse_qsl(raw, keep_blank_values=True))
 
 
 def make_app(sim: Simulator) -> WSGIApp:
@@ -50,7 +58,7 @@ def make_app(sim: Simulator) -> WSGIApp:
         if path == CONTROL_PREFIX or path.startswith(CONTROL_PREFIX + "/"):
             reply = _control(sim, method, path[len(CONTROL_PREFIX):], environ)
         else:
-            query = dict(parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True))
+            query = dict(_query_pairs(environ.get("QUERY_STRING", "")))
             reply = sim.handle(method, path, query, environ.get("HTTP_AUTHORIZATION"))
         if reply.delay > 0:
             time.sleep(reply.delay)  # simulated slowness, outside the lock

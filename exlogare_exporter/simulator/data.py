@@ -21,8 +21,9 @@ _EPOCH_ORDINAL = EPOCH.date().toordinal()
 CLUSTER_CHARS = 120
 
 
-def day_of(us: int) -> str:
-    return date.fromordinal(_EPOCH_ORDINAL + us // US_PER_DAY).isoformat()
+def day_name(day: int) -> str:
+    """`YYYY-MM-DD` of a day counted from the epoch."""
+    return date.fromordinal(_EPOCH_ORDINAL + day).isoformat()
 
 
 def cluster_key(root_cause: str, severity: str) -> tuple[str, str]:

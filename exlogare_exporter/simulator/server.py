@@ -1,23 +1,28 @@
-"""Serving the simulator: waitress in a daemon thread, new RCAs arriving over time, and the CLI."""
+"""Serving the simulator: a small threaded HTTP/1.1 server in a daemon thread, new RCAs arriving over time,
+and the CLI."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import math
 import random
 import signal
+import socket
+import socketserver
 import sys
 import threading
 import time
 from collections.abc import Iterable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any
+from urllib.parse import unquote
 
-from waitress.server import create_server
-
-from .app import make_app
+from .app import WSGIApp, json_bytes, make_app
 from .core import Simulator
 
 log = logging.getLogger("exlogare_exporter.simulator")
@@ -41,54 +46,42 @@ def demo_simulator(seed: int = 1) -> Simulator:
 
 
 class SimulatorServer:
-    """The simulator's WSGI app on waitress, in a daemon thread. The socket is bound on construction."""
+    """The simulator's WSGI app on a small HTTP/1.1 server in a daemon thread. The socket is bound on
+    construction.
+
+    A thread per connection (kept alive between requests), at most `threads` requests answered at once (the
+    others wait): blocking I/O and no event loop, so a request costs the server about half the CPU it costs
+    on waitress, whose loop visits every open connection for each event. Benchmarks run the simulator on
+    the exporter's CPUs; its own cost must stay small next to the exporter's.
+    """
 
     def __init__(self, sim: Simulator, host: str = "127.0.0.1", port: int = 0, threads: int = 16) -> None:
         self.sim = sim
-        self._server: Any = create_server(
-            make_app(sim), host=host, port=port, threads=threads, ident="exlogare-simulator",
-            connection_limit=max(100, threads * 64), asyncore_use_poll=True,
-        )
-        self.port: int = self._server.effective_port
-        self.host: str = str(self._server.effective_host)
+        self._server = _HTTPServer((host, port), make_app(sim), threads)
+        address = self._server.server_address
+        self.host: str = str(address[0])
+        self.port: int = int(address[1])
         shown = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"http://{shown}:{self.port}"
-        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
 
     def start(self) -> SimulatorServer:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"simulator:{self.port}", daemon=True)
+            self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
+                                            name=f"simulator:{self.port}", daemon=True)
             self._thread.start()
         return self
 
-    def _run(self) -> None:
-        server = self._server
-        # Our own loop, so stopping needs no cross-thread closing of waitress's sockets.
-        while not self._stopping.is_set():
-            server.asyncore.loop(timeout=0.5, map=server._map, use_poll=True, count=1)
-        self._close()
-
-    def _close(self) -> None:
+    def stop(self) -> None:
         if self._closed:
             return
         self._closed = True
-        server = self._server
-        server.close()
-        for channel in list(server._map.values()):
-            with contextlib.suppress(OSError):
-                channel.handle_close()
-        server.task_dispatcher.shutdown(timeout=2)
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is None:
-            self._close()
-            return
-        with contextlib.suppress(OSError):
-            self._server.pull_trigger()
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=10)
+        self._server.server_close()
+        self._server.drop_connections()
 
     def __enter__(self) -> SimulatorServer:
         return self.start()
@@ -96,6 +89,123 @@ class SimulatorServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+MAX_REQUEST_BODY = 4 << 20  # the control API takes at most 1 MiB (413 above); anything larger is refused here
+IDLE_TIMEOUT = 120.0  # seconds a kept-alive connection may stay silent, as waitress's channel_timeout
+
+
+class _HTTPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], app: WSGIApp, threads: int) -> None:
+        self.app = app
+        self.slots = threading.BoundedSemaphore(threads)
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        self.address_family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)[0][0]
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def drop_connections(self) -> None:
+        """End the kept-alive connections, so that a stopped server answers nothing any more."""
+        with self.connections_lock:
+            connections = list(self.connections)
+        for sock in connections:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # a client gone mid-answer is no news
+            log.exception("simulator: error serving %s", client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One connection: requests in turn, each handed to the WSGI app with its body read in full first."""
+
+    server: _HTTPServer
+    protocol_version = "HTTP/1.1"
+    server_version = "exlogare-simulator"
+    sys_version = ""
+    timeout = IDLE_TIMEOUT
+    disable_nagle_algorithm = True  # the answer goes out in one write; never wait for the client's ACK
+
+    def _serve(self) -> None:
+        if "Transfer-Encoding" in self.headers:
+            self._refuse(501, "chunked request bodies are not supported")
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_REQUEST_BODY:
+            self._refuse(413 if length > 0 else 400, "bad or too large Content-Length")
+            return
+        body = self.rfile.read(length) if length else b""
+        captured: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+            captured[:] = [status, headers]
+
+        try:
+            with self.server.slots:
+                answer = b"".join(self.server.app(self._environ(body), start_response))
+        except Exception:
+            log.exception("simulator: %s %s failed", self.command, self.path)
+            self._refuse(500, "internal error in the simulator")
+            return
+        status, headers = captured
+        self._answer(status, headers, answer)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _serve  # noqa: N815
+
+    def _environ(self, body: bytes) -> dict[str, Any]:
+        target = self.path
+        if "://" in target.split("?", 1)[0]:  # absolute form: keep the path
+            target = "/" + target.split("://", 1)[1].partition("/")[2]
+        path, _, query = target.partition("?")
+        host, port = self.server.server_address[:2]
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": self.command, "SCRIPT_NAME": "", "PATH_INFO": unquote(path, encoding="latin-1"),
+            "QUERY_STRING": query, "SERVER_NAME": str(host), "SERVER_PORT": str(port),
+            "SERVER_PROTOCOL": self.request_version, "REMOTE_ADDR": self.client_address[0],
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
+            "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+        }
+        for name, value in self.headers.items():
+            key = name.upper().replace("-", "_")
+            key = key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
+            environ[key] = f"{environ[key]},{value}" if key in environ else value
+        return environ
+
+    def _answer(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        lines = [f"{self.protocol_version} {status}", f"Server: {self.server_version}",
+                 f"Date: {self.date_time_string()}", *(f"{k}: {v}" for k, v in headers)]
+        if self.close_connection:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head if self.command == "HEAD" else head + body)  # one write: one packet
+
+    def _refuse(self, status: int, detail: str) -> None:
+        self.close_connection = True
+        body = json_bytes({"detail": detail})
+        self._answer(f"{status} {HTTPStatus(status).phrase}",
+                     [("Content-Type", "application/json"), ("Content-Length", str(len(body)))], body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("simulator: %s %s", self.address_string(), format % args)
 
 
 def _poisson(rng: random.Random, lam: float) -> int:
