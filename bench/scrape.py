@@ -8,12 +8,13 @@ server's cost per scrape, HTTP included; the scrapes ask what Prometheus asks (O
 - plain: client_python's `make_wsgi_app` over the registry, every family rebuilt and formatted at every
   scrape (the exporter before this cache, and most Python exporters);
 - cached, unchanged: the snapshot did not change between scrapes;
-- cached, 1 refresh: one tenant was refreshed before each scrape (its share is re-rendered, the text
-  joined and gzipped again);
+- cached, 1 refresh: one tenant was refreshed before each scrape (its changed pieces formatted again, the
+  text joined again, the gzip segments its lines are in compressed again);
 - cached, a quarter refreshed: a quarter of the tenants were refreshed and their RCA streams walked
-  before each scrape (a 15 s scrape interval with tenants refreshed every 60 s), either bringing the same
-  numbers (a quiet spell: new objects, equal values, a new last-success time) or changing every value
-  (the worst case);
+  before each scrape (a 15 s scrape interval with tenants refreshed every 60 s), neighbours in config
+  order as the scheduler's phases make them, either bringing the same numbers (a quiet spell: new
+  objects, equal values, a new last-success time) or changing every value (the worst case); and the worst
+  case once more with tenants picked anywhere, so that nearly every gzip segment changes;
 - concurrent: 8 scrapes at once, right after a refresh.
 
     python bench/scrape.py [--tenants 10,100,1000] [--seconds 4] [--concurrent 8]
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import random
 import sys
 import threading
 import time
@@ -70,6 +72,8 @@ def serve(tenants: int, mode: str) -> None:
     walks = {name: [replace(metrics.streams.get(name), last_success=now + seed)  # type: ignore[type-var]
                     for seed in (1, 2)] for name in names}
     turn = [0]
+    flips = dict.fromkeys(names, 0)
+    scatter = random.Random(1)  # noqa: S311 (a benchmark's choice, not a secret)
 
     def same_numbers(state: TenantState, phase: int) -> TenantState:
         """The state a refresh that found nothing new makes: freshly parsed (equal) values, new times."""
@@ -77,13 +81,15 @@ def serve(tenants: int, mode: str) -> None:
         return replace(state, results=results, last_success=state.last_success + phase,  # type: ignore[operator]
                        last_duration=0.5 + phase)
 
-    def touch(count: int, changed: bool) -> None:
-        """Refresh `count` tenants (round robin): new results, a stream walk and 11 upstream requests."""
-        for _ in range(count):
-            index = turn[0]
-            turn[0] += 1
-            name, phase = names[index % tenants], (index // tenants) % 2
-            store.put(states[name][phase] if changed else same_numbers(store.get(name), phase + 1))
+    def touch(count: int, how: str) -> None:
+        """Refresh `count` tenants, the next ones in config order (or anywhere: `scattered`): new results,
+        a stream walk and 5 upstream requests each."""
+        chosen = scatter.sample(names, count) if how == "scattered" else \
+            [names[(turn[0] + n) % tenants] for n in range(count)]
+        turn[0] += count
+        for name in chosen:
+            phase = flips[name] = 1 - flips[name]
+            store.put(same_numbers(store.get(name), phase + 1) if how == "same" else states[name][phase])
             metrics.streams.put(walks[name][phase])
             for endpoint in ("overview", "timeseries", "top_projects", "top_root_causes", "analyses"):
                 metrics.on_response(name)(endpoint, "200")
@@ -95,7 +101,7 @@ def serve(tenants: int, mode: str) -> None:
         path = environ.get("PATH_INFO", "")
         if path == "/_bench/touch":
             count, _, how = (environ.get("QUERY_STRING") or "1").partition("&")
-            touch(int(count), how != "same")
+            touch(int(count), how)
             body = b"ok"
         elif path == "/_bench/cpu":
             renders = cached.renders if cached else 0
@@ -203,6 +209,7 @@ def measure(tenants: int, seconds: float, clients: int) -> dict[str, Any]:
                 results["touched"] = sequential(target, seconds, touch="1")
                 results["quiet"] = sequential(target, seconds, touch=f"{quarter}&same")
                 results["quarter"] = sequential(target, seconds, touch=f"{quarter}")
+                results["scattered"] = sequential(target, seconds, touch=f"{quarter}&scattered")
             results[f"{mode}_concurrent"] = concurrent(target, clients)
         finally:
             target.stop()
@@ -217,7 +224,8 @@ def report(all_results: list[dict[str, Any]], clients: int) -> str:
                      ms(plain["cpu"]), "1×", mib(plain["bytes"])))
         for key, what in (("cached", "cached, unchanged"), ("touched", "cached, 1 tenant refreshed"),
                           ("quiet", "cached, ¼ of the tenants refreshed, same numbers"),
-                          ("quarter", "cached, ¼ of the tenants refreshed, every value changed")):
+                          ("quarter", "cached, ¼ of the tenants refreshed, every value changed"),
+                          ("scattered", "cached, ¼ refreshed, every value changed, not neighbours")):
             row = r[key]
             rows.append(("", what, f"{ms(row['p50'])} / {ms(row['p99'])}", ms(row["cpu"]),
                          f"**{plain['cpu'] / row['cpu']:.0f}×**", mib(row["bytes"])))
@@ -234,7 +242,8 @@ def report(all_results: list[dict[str, Any]], clients: int) -> str:
                "until the last answer):\n")
     out.append(table(("tenants", "plain CPU", "plain wall", "cached CPU", "cached wall", "ratio"), rows))
     scrapes = ", ".join(f"{r['tenants']}: {r['plain']['n']} plain, {r['cached']['n']} cached, "
-                        f"{r['touched']['n']}, {r['quiet']['n']} and {r['quarter']['n']} after refreshes"
+                        f"{r['touched']['n']}, {r['quiet']['n']}, {r['quarter']['n']} and "
+                        f"{r['scattered']['n']} after refreshes"
                         for r in all_results)
     out.append(f"\nScrapes measured per row ({scrapes}); CPU is the server process's own.")
     return "\n".join(out)

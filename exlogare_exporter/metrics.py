@@ -14,7 +14,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics import disable_created_metrics
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.samples import Sample
 
 from . import __version__
 from .parse import Overview, TopProject
@@ -48,45 +47,56 @@ def stream_pieces(stream: TenantStream) -> list[Piece]:
             (HEALTH, (stream.state.newest, stream.up, stream.last_success, stream.catching_up))]
 
 
+@dataclass(frozen=True)
+class Kinds:
+    """The family classes to fill: client_python's, or `lines`' (the same calls, lines written at once)."""
+
+    gauge: Callable[..., Any]
+    counter: Callable[..., Any]
+    histogram: Callable[..., Any]
+
+
+CLIENT = Kinds(GaugeMetricFamily, CounterMetricFamily, HistogramMetricFamily)
+
+
 class Families:
     """The data families of one scrape, created empty so every metric has HELP/TYPE even without samples."""
 
-    def __init__(self) -> None:
+    def __init__(self, kinds: Kinds = CLIENT) -> None:
         tw = ["tenant", "window"]
-        self.failures = GaugeMetricFamily(
+        self.failures = kinds.gauge(
             "exlogare_failures_detected", f"Failed CI jobs received in the window. {SCHEDULED}", labels=tw)
-        self.analyses = GaugeMetricFamily(
+        self.analyses = kinds.gauge(
             "exlogare_analyses_completed", f"RCAs written in the window. {SCHEDULED}", labels=tw)
-        self.by_severity = GaugeMetricFamily(
+        self.by_severity = kinds.gauge(
             "exlogare_analyses_by_severity", f"RCAs written in the window, by severity. {SCHEDULED}",
             labels=[*tw, "severity"])
         ttr = "time from failure to RCA in the window; absent when the window holds no RCA."
         self.ttr = {
-            key: GaugeMetricFamily(f"exlogare_time_to_rca_{key}_seconds", f"{what} {ttr} {SCHEDULED}",
-                                   labels=tw)
+            key: kinds.gauge(f"exlogare_time_to_rca_{key}_seconds", f"{what} {ttr} {SCHEDULED}", labels=tw)
             for key, what in (("p50", "Median"), ("p90", "90th percentile"), ("avg", "Mean"))
         }
-        self.daily = GaugeMetricFamily(
+        self.daily = kinds.gauge(
             "exlogare_daily_failures",
             f"Failed CI jobs per UTC day, zero-filled; today's value grows during the day. {SCHEDULED}",
             labels=["tenant", "date"])
-        self.project_failures = GaugeMetricFamily(
+        self.project_failures = kinds.gauge(
             "exlogare_top_project_failures", f"Failures of the top projects in the window. {SCHEDULED}",
             labels=[*tw, "project"])
-        self.project_analyses = GaugeMetricFamily(
+        self.project_analyses = kinds.gauge(
             "exlogare_top_project_analyses", f"RCAs of the top projects in the window. {SCHEDULED}",
             labels=[*tw, "project"])
-        self.root_causes = GaugeMetricFamily(
+        self.root_causes = kinds.gauge(
             "exlogare_top_root_cause_analyses",
             f"RCAs in the largest root-cause clusters in the window. {SCHEDULED}",
             labels=[*tw, "root_cause", "severity"])
-        self.up = GaugeMetricFamily(
+        self.up = kinds.gauge(
             "exlogare_up", "1 when the last refresh of every endpoint of the tenant succeeded, else 0.",
             labels=["tenant"])
-        self.last_success = GaugeMetricFamily(
+        self.last_success = kinds.gauge(
             "exlogare_last_success_timestamp_seconds",
             "Unix time of the tenant's last fully successful refresh.", labels=["tenant"])
-        self.duration = GaugeMetricFamily(
+        self.duration = kinds.gauge(
             "exlogare_refresh_duration_seconds", "Duration of the tenant's last refresh.", labels=["tenant"])
 
     def all(self) -> list[Metric]:
@@ -157,9 +167,9 @@ def data_families(states: Iterable[TenantState], now: float) -> list[Metric]:
     return families.all()
 
 
-def data_piece_families(name: str, pieces: Iterable[Piece]) -> list[Metric]:
+def data_piece_families(name: str, pieces: Iterable[Piece], kinds: Kinds = CLIENT) -> list[Any]:
     """Every data family, with the samples of some pieces of one tenant (`tenant_pieces`)."""
-    families = Families()
+    families = Families(kinds)
     for piece in pieces:
         families.add_piece(name, piece)
     return families.all()
@@ -170,24 +180,24 @@ def stream_families(streams: Iterable[TenantStream]) -> list[Metric]:
     return stream_piece_families((s.name, piece) for s in streams for piece in stream_pieces(s))
 
 
-def stream_piece_families(pieces: Iterable[tuple[str, Piece]]) -> list[Metric]:
+def stream_piece_families(pieces: Iterable[tuple[str, Piece]], kinds: Kinds = CLIENT) -> list[Any]:
     """Every stream family, with the samples of `(tenant, piece)` pairs (`stream_pieces`)."""
-    total = CounterMetricFamily(
+    total = kinds.counter(
         "exlogare_analyses", "RCAs that arrived since the exporter started, each counted once, by severity "
         "(and project or source when analyses_labels asks); from the /analyses stream.")
-    confidence = HistogramMetricFamily(
+    confidence = kinds.histogram(
         "exlogare_analysis_confidence", "Confidence of the RCAs counted in exlogare_analyses_total.",
         labels=["tenant", "severity"])
-    latest = GaugeMetricFamily(
+    latest = kinds.gauge(
         "exlogare_latest_analysis_timestamp_seconds", "created_at of the newest RCA the stream has seen.",
         labels=["tenant"])
-    up = GaugeMetricFamily(
+    up = kinds.gauge(
         "exlogare_analyses_stream_up", "1 when the tenant's last /analyses walk succeeded, else 0.",
         labels=["tenant"])
-    last_success = GaugeMetricFamily(
+    last_success = kinds.gauge(
         "exlogare_analyses_last_walk_success_timestamp_seconds",
         "Unix time of the tenant's last successful /analyses walk.", labels=["tenant"])
-    catching_up = GaugeMetricFamily(
+    catching_up = kinds.gauge(
         "exlogare_analyses_catching_up",
         "1 while a backlog larger than analyses_max_pages pages is being walked over several cycles.",
         labels=["tenant"])
@@ -196,8 +206,8 @@ def stream_piece_families(pieces: Iterable[tuple[str, Piece]]) -> list[Metric]:
             counts: Counts = value
             label_names = ("tenant", "severity", *counts.labels)
             for key, n in sorted(counts.totals.items()):
-                total.samples.append(Sample("exlogare_analyses_total", dict(zip(label_names, (name, *key),
-                                                                                strict=True)), float(n)))
+                total.add_sample("exlogare_analyses_total", dict(zip(label_names, (name, *key), strict=True)),
+                                 float(n))
             for severity, histogram in counts.confidence.items():
                 confidence.add_metric([name, severity], histogram.cumulative(), histogram.total)
             continue
@@ -223,9 +233,9 @@ def request_pieces(requests: TenantRequests) -> list[Piece]:
     return [(COUNTS, requests.counts)]
 
 
-def request_piece_families(pieces: Iterable[tuple[str, Piece]]) -> list[Metric]:
+def request_piece_families(pieces: Iterable[tuple[str, Piece]], kinds: Kinds = CLIENT) -> list[Any]:
     """`exlogare_upstream_requests_total`, with the samples of `(tenant, piece)` pairs (`request_pieces`)."""
-    family = CounterMetricFamily(
+    family = kinds.counter(
         "exlogare_upstream_requests", "HTTP requests made to the Exlogare API, by endpoint and outcome "
         "(status code, or timeout, connection, invalid_body); retries count one each.",
         labels=["tenant", "endpoint", "code"])

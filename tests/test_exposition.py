@@ -9,6 +9,7 @@ import time
 import zlib
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -17,9 +18,11 @@ import yaml
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
 
 from exlogare_exporter.exposition import (
+    GROUP,
     MAX_FORMATS,
     CachedExposition,
     Section,
+    fast_zlib,
     negotiate,
     sections_of,
 )
@@ -100,9 +103,10 @@ def assert_same_as_plain(cached: CachedExposition, metrics: ExporterMetrics) -> 
                 parse_metrics(without_process(plain).decode())
 
 
-def test_the_same_bytes_as_the_plain_way_across_changes_and_expiry(metrics: ExporterMetrics,
-                                                                   clock: Clock) -> None:
-    cached = CachedExposition.for_metrics(metrics)
+@pytest.mark.parametrize("deflate", [zlib, fast_zlib], ids=["zlib", "fast"])
+def test_the_same_bytes_as_the_plain_way_across_changes_and_expiry(metrics: ExporterMetrics, clock: Clock,
+                                                                   deflate: ModuleType) -> None:
+    cached = CachedExposition(sections_of(metrics), metrics.live, metrics.registry, clock, deflate=deflate)
     assert_same_as_plain(cached, metrics)
     # a refresh of one tenant, a stream walk, a removed tenant, a new one
     metrics.store.put(synthetic.tenant_state("t0001", NOW, seed=7))
@@ -151,9 +155,12 @@ def test_a_change_formats_again_only_the_pieces_whose_value_changed(metrics: Exp
     built: list[tuple[str, Any]] = []
 
     def counting(section: Section) -> Section:
-        def families(name: str, pieces: Any) -> Any:
-            built.extend((name, key) for key, _ in pieces)
-            return section.families(name, pieces)
+        def families(name: str, pieces: Any, kinds: Any) -> Any:
+            def noted() -> Any:  # as the builder reads them: the cache cuts its lines between two pieces
+                for key, value in pieces:
+                    built.append((name, key))
+                    yield key, value
+            return section.families(name, noted(), kinds)
         return replace(section, families=families)
 
     sections = tuple(counting(s) for s in sections_of(metrics))
@@ -175,6 +182,35 @@ def test_a_change_formats_again_only_the_pieces_whose_value_changed(metrics: Exp
     cached.render(fmt)
     assert built == [("t0004", HEALTH), ("t0001", HEALTH)]
     assert_same_as_plain(cached, metrics)
+
+
+def test_gzip_compresses_again_only_the_segments_that_changed(clock: Clock) -> None:
+    """Each family's lines of `GROUP` neighbouring tenants are a segment of the one gzip stream."""
+    store: Store = Store()
+    metrics = ExporterMetrics(store, clock=clock)
+    synthetic.fill(store, metrics.streams, 3 * GROUP, NOW)
+    cached = CachedExposition.for_metrics(metrics)
+    fmt = negotiate(PROMETHEUS_ACCEPT)
+    first = joined(cached.render(fmt, True), True)
+    every = cached.deflated
+    cached.render(fmt, True)
+    assert cached.deflated == every  # nothing changed: the cached stream
+    # A refresh of the second group's tenants that brought the same numbers: their health lines only.
+    for name in synthetic.names(3 * GROUP)[GROUP:2 * GROUP]:
+        metrics.store.put(replace(metrics.store.get(name), last_success=NOW + 60,  # type: ignore[type-var]
+                                  last_duration=0.25))
+    cached.render(fmt, True)
+    assert cached.deflated - every == 2  # the group's last success and duration lines; `up` is the same
+    # New numbers for one tenant of the third group: the segments of its group's families with samples.
+    every = cached.deflated
+    metrics.store.put(synthetic.tenant_state(synthetic.names(3 * GROUP)[-1], NOW, seed=5))
+    cached.render(fmt, True)
+    assert 3 < cached.deflated - every <= len(metrics.store.get("t0000").results) + 3  # type: ignore[union-attr]
+    assert_same_as_plain(cached, metrics)
+    # A tenant removed at the start shifts every group: all compressed again, still the plain way's bytes.
+    metrics.store.retain(set(synthetic.names(3 * GROUP)[1:]))
+    assert_same_as_plain(cached, metrics)
+    assert joined(cached.render(fmt, True), True) != first
 
 
 def test_concurrent_scrapes_render_once(metrics: ExporterMetrics) -> None:
@@ -205,6 +241,13 @@ def test_name_filters_and_many_formats_are_served_the_plain_way(metrics: Exporte
     for fmt in formats:
         assert without_process(joined(cached.render(fmt))) == without_process(fmt.encode(metrics.registry))
     assert cached.renders <= MAX_FORMATS
+    for escaping in ("dots", "values"):  # escapings that rewrite legacy names: the plain way's names
+        fmt = negotiate(f"application/openmetrics-text;version=1.0.0;escaping={escaping}")
+        assert not fmt.legacy_names
+        text = joined(CachedExposition.for_metrics(metrics).render(fmt))
+        ours = [line for line in text.splitlines() if b"exlogare" in line]  # process lines move
+        assert ours == [line for line in fmt.encode(metrics.registry).splitlines() if b"exlogare" in line]
+        assert b"exlogare_up{" not in text and len(ours) > 1000
 
 
 def test_promtool_accepts_the_cached_exposition(metrics: ExporterMetrics) -> None:
