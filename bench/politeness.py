@@ -76,7 +76,6 @@ class Load:
         store: Store = Store()
         metrics = ExporterMetrics(store)
         self.poller = Poller(store, metrics)
-        self.poller.concurrency = cfg.concurrency
         self.poller.apply(cfg)
         self.proxy = Proxy(self.poller.client, None)
         self.proxy.apply(cfg)

@@ -33,14 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import requests
 from common import ms, percentile, table
 
-from exlogare_exporter.app import Exporter
-from exlogare_exporter.config import parse_config
-from exlogare_exporter.simulator import SimulatorServer
-from tests.proxy_support import TOKEN_A, Stack, make_simulator, raw_config
-from tests.support import wait_until
+from tests.proxy_support import TOKEN_A, Stack, make_simulator, running_stack
 
 
 def panel_queries(count: int) -> list[str]:
@@ -181,16 +176,11 @@ def main() -> int:
 
     sim = make_simulator()
     sim.set_latency(args.latency)
-    server = SimulatorServer(sim).start()
     proxy = {"cache_ttl": f"{args.ttl}s", "cache_stale_ttl": f"{max(args.ttl, 600)}s"}
-    exporter = Exporter(parse_config(raw_config(sim, server.url, proxy), {}))
-    exporter.start()
-    stack = Stack(sim, server, exporter)
-    # The poller's first refresh is not the dashboard's doing: let it finish before counting.
-    wait_until(lambda: requests.get(stack.url + "/readyz", timeout=5).status_code == 200, what="readiness")
     queries = panel_queries(args.panels)
     rows = []
-    try:
+    # running_stack waits for readiness: the poller's first refresh is not the dashboard's doing.
+    with running_stack(proxy=proxy, sim=sim) as stack:
         loads, calls, opened = scene(stack, lambda load: [f.result() for f in [
             load.pool.submit(load.dashboard, queries) for _ in range(args.viewers)]])
         rows.append(("open: all viewers at once", loads, calls, opened))
@@ -219,9 +209,6 @@ def main() -> int:
         loads, calls, hammered = scene(stack, lambda load: hammer(load, queries, args.viewers, seconds))
         rows.append((f"hits: {args.viewers} viewers reloading as fast as they can", loads, calls, hammered))
         hit_rows = [hits(stack, queries, connections, args.ttl * 0.5) for connections in (1, 16)]
-    finally:
-        exporter.stop(wait=2)
-        server.stop()
     report(args, rows, hit_rows)
     return 0
 
@@ -229,15 +216,15 @@ def main() -> int:
 def report(args: argparse.Namespace, rows: list[tuple[str, int, int, Load]],
            hit_rows: list[tuple[object, ...]]) -> None:
     print(f"{args.panels} panels × {args.viewers} viewers, simulator latency {args.latency * 1000:.0f} ms\n")
-    print("| scene | panel loads = upstream calls without the proxy | upstream calls with the proxy | "
-          "reduction | errors | p50 hit or shared | p50 miss |")
-    print("|---|---|---|---|---|---|---|")
+    scenes = []
     for name, loads, calls, load in rows:
         answered = load.times.get("hit", []) + load.times.get("shared", [])
         misses = load.times.get("miss", [])
-        print(f"| {name} | {loads} | {calls} | {loads / max(calls, 1):.1f}× | {load.errors} | "
-              f"{statistics.median(answered) * 1000 if answered else 0:.1f} ms | "
-              f"{statistics.median(misses) * 1000 if misses else 0:.1f} ms |")
+        scenes.append((name, loads, calls, f"{loads / max(calls, 1):.1f}×", load.errors,
+                       f"{statistics.median(answered) * 1000 if answered else 0:.1f} ms",
+                       f"{statistics.median(misses) * 1000 if misses else 0:.1f} ms"))
+    print(table(("scene", "panel loads = upstream calls without the proxy", "upstream calls with the proxy",
+                 "reduction", "errors", "p50 hit or shared", "p50 miss"), scenes))
     print(f"\nCache hits, asked by a separate process over keep-alive connections for {args.ttl * 0.5:g} s "
           "(within one TTL) after one load of the dashboard; the exporter's CPU is its whole process's:\n")
     print(table(("connections", "answers", "cache hits", "throughput", "latency p50", "p99",

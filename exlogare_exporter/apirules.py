@@ -14,12 +14,17 @@ import json
 import re
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from .parse import SEVERITIES  # the values /analyses' `severity` accepts
 
 US_PER_SECOND = 1_000_000
 US_PER_DAY = 86_400 * US_PER_SECOND
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+PAGE_LIMIT = 500  # the most /analyses gives in one page
+MAX_WINDOW_US = 365 * US_PER_DAY  # the widest since..until window /analyses accepts
 
 
 def to_us(dt: datetime) -> int:
@@ -58,6 +63,11 @@ class ApiError(Exception):
 
 def bad_request(detail: str) -> ApiError:
     return ApiError(400, detail)
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Compact UTF-8 JSON, as FastAPI's JSONResponse writes it."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _issue(where: str, name: str, kind: str, msg: str, *, value: str, ctx: dict[str, Any] | None = None
@@ -111,6 +121,43 @@ class Query:
     def check(self) -> None:
         if self.issues:
             raise ApiError(422, self.issues)
+
+
+@dataclass(frozen=True)
+class IntParam:
+    """An integer query parameter as the server declares it: its default and inclusive bounds."""
+
+    name: str
+    default: int
+    ge: int
+    le: int
+
+    def read(self, q: Query) -> int:
+        return q.integer(self.name, self.default, self.ge, self.le)
+
+
+_DAYS_180 = IntParam("days", 30, 1, 180)
+_TOP_LIMIT = IntParam("limit", 10, 1, 50)
+ANALYSES_LIMIT = IntParam("limit", 100, 1, PAGE_LIMIT)
+# The integer parameters of the list and stats endpoints, by path below /api/v1, in the server's order.
+INT_PARAMS: dict[str, tuple[IntParam, ...]] = {
+    "/analyses": (ANALYSES_LIMIT,),
+    "/stats/overview": (IntParam("days", 30, 1, 365),),
+    "/stats/timeseries": (_DAYS_180,),
+    "/stats/top-projects": (_DAYS_180, _TOP_LIMIT),
+    "/stats/top-root-causes": (_DAYS_180, _TOP_LIMIT),
+}
+
+
+def check_analyses_filters(since: int | None, until: int | None, severity: str | None) -> None:
+    """/analyses' 400s, in the server's order; they come after the 422s of `Query.check()`."""
+    if severity is not None and severity not in SEVERITIES:
+        raise bad_request(f"Unknown severity '{severity}': expected one of low, medium, high")
+    if since is not None and until is not None:
+        if since > until:
+            raise bad_request("'since' must not be after 'until'")
+        if until - since > MAX_WINDOW_US:
+            raise bad_request("The since..until window must not exceed 365 days")
 
 
 def parse_datetime_us(raw: str) -> int | None:

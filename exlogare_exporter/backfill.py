@@ -23,7 +23,7 @@ from typing import BinaryIO
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.openmetrics.exposition import generate_latest
 
-from .client import ExlogareClient, UpstreamError
+from .client import ExlogareClient, SharedLimits, TokenBucket, UpstreamError
 from .config import Config, TenantConfig
 from .metrics import Families
 from .parse import parse_timeseries
@@ -119,9 +119,11 @@ def parse_labels(items: Iterable[str]) -> dict[str, str]:
     return labels
 
 
-def fetch_daily(tenant: TenantConfig, days: int, today: date) -> tuple[tuple[str, int], ...]:
-    """The tenant's per-day failures through its own client (timeouts, retries, rate limit)."""
-    client = ExlogareClient(tenant)
+def fetch_daily(tenant: TenantConfig, days: int, today: date,
+                shared: TokenBucket | None = None) -> tuple[tuple[str, int], ...]:
+    """The tenant's per-day failures through its own client (timeouts, retries, rate limits: `shared` is its
+    base URL's budget, `SharedLimits`, so a Retry-After to one tenant holds back the next of that server)."""
+    client = ExlogareClient(tenant, shared=shared)
     try:
         return client.get("/stats/timeseries", {"days": days},
                           partial(parse_timeseries, days=days, today=today))
@@ -172,10 +174,11 @@ def run(config: Config, args: argparse.Namespace, out: BinaryIO | None = None,
         return 2
     today = datetime.fromtimestamp(now, UTC).date()
     series: list[Series] = []
+    limits = SharedLimits()
     for name in dict.fromkeys(wanted):
         tenant = by_name[name]
         try:
-            daily = fetch_daily(tenant, args.days, today)
+            daily = fetch_daily(tenant, args.days, today, limits.bucket(tenant))
         except UpstreamError as exc:
             log.error("backfill failed, nothing written: %s", exc, extra={"tenant": name})
             return 1

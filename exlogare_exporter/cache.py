@@ -22,7 +22,6 @@ HIT = "hit"  # fresh in the cache
 MISS = "miss"  # loaded by this caller
 SHARED = "shared"  # loaded by a concurrent caller with the same key (single-flight)
 STALE = "stale"  # the load failed in a way that allows it, so an older answer was served
-RESULTS = (HIT, MISS, SHARED, STALE)
 
 
 @dataclass(frozen=True)
@@ -146,9 +145,7 @@ class Cache(Generic[K, V]):
         size = self._size(value)
         if key in self._entries:
             self._remove(key)
-        if self.ttl <= 0 and self.stale_ttl <= 0:
-            return
-        if size > self.max_bytes:
+        if self.stale_ttl <= 0 or size > self.max_bytes:  # stale_ttl >= ttl (`configure`): nothing kept
             return
         self._entries[key] = _Entry(value, size, self._clock())
         self._bytes += size

@@ -126,15 +126,15 @@ class TenantConfig:
     label_max_length: int
     max_response_bytes: int
     max_requests_per_second: float
-    analyses_interval: float = 30.0  # 0: the /analyses stream is off for this tenant
-    analyses_lookback: float = 0.0
-    analyses_max_pages: int = 20
-    analyses_labels: tuple[str, ...] = ()  # a subset of ANALYSES_LABELS, in that order
-    max_label_values: int = 50
-    max_requests_burst: float = 1.0  # requests that may leave at once after a quiet spell
+    analyses_interval: float  # 0: the /analyses stream is off for this tenant
+    analyses_lookback: float
+    analyses_max_pages: int
+    analyses_labels: tuple[str, ...]  # a subset of ANALYSES_LABELS, in that order
+    max_label_values: int
+    max_requests_burst: float  # requests that may leave at once after a quiet spell
     # One budget for every tenant with this base_url (a self-hosted server shared by many tenants); 0 = none.
-    base_url_max_requests_per_second: float = 0.0
-    base_url_max_requests_burst: float = 1.0
+    base_url_max_requests_per_second: float
+    base_url_max_requests_burst: float
 
 
 @dataclass(frozen=True)
@@ -461,14 +461,20 @@ def _inline_token(value: Any, path: str, ctx: _Context) -> Secret:
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
-def _tenant_name(value: Any, path: str, ctx: _Context) -> str:
-    name = _string(value, path)
-    _not_a_token(name, path, "a tenant name")
-    if not _TENANT_NAME.fullmatch(name):
-        # Names become label values and URL path segments, hence the strict alphabet.
-        raise ConfigError(path, f"{name!r} is not a valid tenant name; use 1 to 63 letters, digits, "
-                                "_ . or -, starting with a letter or digit")
-    return name
+def _name(what: str) -> Parser:
+    """A tenant's or a proxy client's name: they become label values, log fields and URL path segments,
+    hence the strict alphabet (and a pasted token refused before it is echoed)."""
+    def parse(value: Any, path: str, ctx: _Context) -> str:
+        name = _string(value, path)
+        _not_a_token(name, path, f"a {what} name")
+        if not _TENANT_NAME.fullmatch(name):
+            raise ConfigError(path, f"{name!r} is not a valid {what} name; use 1 to 63 letters, digits, "
+                                    "_ . or -, starting with a letter or digit")
+        return name
+    return parse
+
+
+_tenant_name = _name("tenant")
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:
@@ -779,12 +785,7 @@ def _check_shared_limit(tenant: TenantConfig, index: int, earlier: list[TenantCo
 PROXY_TOKEN_MIN_CHARS = 16
 
 
-def _client_name(value: Any, path: str, ctx: _Context) -> str:
-    name = _string(value, path)
-    if not _TENANT_NAME.fullmatch(name):
-        raise ConfigError(path, f"{name!r} is not a valid client name; use 1 to 63 letters, digits, "
-                                "_ . or -, starting with a letter or digit")
-    return name
+_client_name = _name("client")
 
 
 def _name_list(value: Any, path: str, ctx: _Context) -> tuple[str, ...]:
@@ -806,13 +807,14 @@ def _client_list(value: Any, path: str, ctx: _Context) -> list[Any]:
     return value
 
 
+_PROXY_DEFAULTS = ProxyConfig()
 PROXY_KEYS: dict[str, Key] = {
-    "enabled": Key(_bool, False),
-    "cache_ttl": Key(_duration(), 30.0),
-    "cache_stale_ttl": Key(_duration(), 600.0),
-    "cache_max_entries": Key(_int(1, 1_000_000), 1000),
-    "cache_max_bytes": Key(_size(1024, 64 * 1024**3), 64 * 1024**2),
-    "max_items": Key(_int(1, 1_000_000), 10_000),
+    "enabled": Key(_bool, _PROXY_DEFAULTS.enabled),
+    "cache_ttl": Key(_duration(), _PROXY_DEFAULTS.cache_ttl),
+    "cache_stale_ttl": Key(_duration(), _PROXY_DEFAULTS.cache_stale_ttl),
+    "cache_max_entries": Key(_int(1, 1_000_000), _PROXY_DEFAULTS.cache_max_entries),
+    "cache_max_bytes": Key(_size(1024, 64 * 1024**3), _PROXY_DEFAULTS.cache_max_bytes),
+    "max_items": Key(_int(1, 1_000_000), _PROXY_DEFAULTS.max_items),
     "clients": Key(_client_list, []),
 }
 PROXY_CLIENT_KEYS: dict[str, Key] = {

@@ -34,7 +34,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -45,19 +45,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .lines import LineCounter, LineFamily, LineGauge, LineHistogram
-from .metrics import (
-    CLIENT,
-    ExporterMetrics,
-    Kinds,
-    Piece,
-    data_piece_families,
-    request_piece_families,
-    request_pieces,
-    stream_piece_families,
-    stream_pieces,
-    tenant_pieces,
-)
-from .state import TenantState
+from .metrics import ExporterMetrics, Kinds, Piece, Section
 
 try:  # ISA-L's deflate and CRC-32: at level 1 twice zlib's speed in segments, four times its CRC's
     from isal import isal_zlib as fast_zlib
@@ -123,38 +111,6 @@ class Joined:
     def collect(self) -> Iterable[Metric]:
         for part in self.parts:
             yield from part.collect()
-
-
-@dataclass(frozen=True)
-class Section:
-    """Families whose samples come item by item (one item per tenant, from a store's snapshot) and, within
-    an item, piece by piece (`metrics.Piece`: its health, each result...).
-
-    `pieces(item, now)` are the item's pieces at `now`, in exposition order; `families(name, pieces, kinds)`
-    builds every family of the section (with or without samples) from some pieces of the item called
-    `name`, as the registry's collector does from whole items; `valid_until(item, now)` is when time alone
-    would change the item's pieces.
-    """
-
-    version: Callable[[], int]
-    items: Callable[[], Mapping[str, Any]]
-    pieces: Callable[[Any, float], list[Piece]]
-    families: Callable[[str, list[Piece], Kinds], list[Any]]
-    valid_until: Callable[[Any, float], float] = lambda item, now: math.inf
-
-
-def sections_of(metrics: ExporterMetrics) -> tuple[Section, ...]:
-    """The snapshot-derived part of the exporter's registry, in the registry's order."""
-    return (
-        Section(lambda: metrics.store.version, metrics.store.snapshot, tenant_pieces, data_piece_families,
-                TenantState.fresh_until),
-        Section(lambda: metrics.streams.version, metrics.streams.snapshot,
-                lambda item, now: stream_pieces(item),
-                lambda name, pieces, kinds: stream_piece_families(((name, p) for p in pieces), kinds)),
-        Section(lambda: metrics.requests.version, metrics.requests.snapshot,
-                lambda item, now: request_pieces(item),
-                lambda name, pieces, kinds: request_piece_families(((name, p) for p in pieces), kinds)),
-    )
 
 
 # (family index, sample lines), for the families with samples; the same in every cached format
@@ -248,7 +204,7 @@ class CachedExposition:
 
     @classmethod
     def for_metrics(cls, metrics: ExporterMetrics) -> CachedExposition:
-        return cls(sections_of(metrics), metrics.live, metrics.registry, metrics.clock)
+        return cls(metrics.sections, metrics.live, metrics.registry, metrics.clock)
 
     # --- WSGI ----------------------------------------------------------------------------------------------
 
@@ -298,7 +254,7 @@ class CachedExposition:
     # --- the snapshot part ---------------------------------------------------------------------------------
 
     def _key(self) -> tuple[int, ...]:
-        return tuple(section.version() for section in self._sections)
+        return tuple(section.store.version for section in self._sections)
 
     def _body(self, fmt: Format, compress: bool) -> _Body:
         body = self._bodies.get(fmt.content_type)
@@ -324,10 +280,10 @@ class CachedExposition:
         columns: list[tuple[tuple[int, int], tuple[tuple[bytes, ...], ...]]] = []
         until = math.inf
         for index, section in enumerate(self._sections):
-            count = len(self._section_headers(index, None))
+            count = len(section.describe())
             groups: list[list[list[bytes]]] = [[] for _ in range(count)]
             cache, kept = self._items[index], {}
-            for position, (name, item) in enumerate(section.items().items()):
+            for position, (name, item) in enumerate(section.store.snapshot().items()):
                 entry = cache.get(name)
                 if entry is None or not entry.valid(item, now):
                     entry = self._item(section, item, now, entry)
@@ -403,14 +359,12 @@ class CachedExposition:
         self._segments = segments
         return b"".join(out), crc, size
 
-    def _section_headers(self, index: int, fmt: Format | None) -> tuple[bytes, ...]:
-        """Each family's HELP and TYPE lines: what the encoder writes for it without samples (with no
-        format, only how many families the section has)."""
-        fmt = fmt or negotiate(None)
+    def _section_headers(self, index: int, fmt: Format) -> tuple[bytes, ...]:
+        """Each family's HELP and TYPE lines: what the encoder writes for it without samples."""
         key = (index, fmt.content_type)
         if key not in self._headers:
             self._headers[key] = tuple(fmt.body(Families((family,)))
-                                       for family in self._sections[index].families("", [], CLIENT))
+                                       for family in self._sections[index].describe())
         return self._headers[key]
 
 
@@ -428,13 +382,13 @@ def _format(section: Section, name: str, todo: list[tuple[Hashable, _Rendered]],
 
     ends: list[list[int]] = []
 
-    def pieces() -> Iterator[Piece]:
+    def pieces() -> Iterator[tuple[str, Piece]]:
         for key, rendered in todo:
-            yield key, rendered.value
+            yield name, (key, rendered.value)
             ends.append([len(family.lines) for family in made])
 
     kinds = Kinds(*map(recording, (LineGauge, LineCounter, LineHistogram)))
-    families = section.families(name, pieces(), kinds)
+    families = section.families(pieces(), kinds)
     if len(families) != count or len(ends) != len(todo) or any(len(end) != len(made) for end in ends):
         raise ValueError(f"a section built {len(families)} families of {len(ends)} pieces, expected {count} "
                          f"of {len(todo)}")

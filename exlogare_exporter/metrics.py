@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
@@ -41,8 +42,8 @@ def tenant_pieces(state: TenantState, now: float) -> list[Piece]:
             *((key, fetched.value) for key, fetched in state.fresh_results(now))]
 
 
-def stream_pieces(stream: TenantStream) -> list[Piece]:
-    """The stream's counters, then its health."""
+def stream_pieces(stream: TenantStream, now: float) -> list[Piece]:
+    """The stream's counters, then its health (time does not change them)."""
     return [(COUNTS, stream.counts),
             (HEALTH, (stream.state.newest, stream.up, stream.last_success, stream.catching_up))]
 
@@ -104,10 +105,6 @@ class Families:
                 self.project_failures, self.project_analyses, self.root_causes, self.up, self.last_success,
                 self.duration]
 
-    def add_tenant(self, state: TenantState, now: float) -> None:
-        for piece in tenant_pieces(state, now):
-            self.add_piece(state.name, piece)
-
     def add_piece(self, name: str, piece: Piece) -> None:
         key, value = piece
         if key == HEALTH:
@@ -145,39 +142,12 @@ class Families:
             self.project_analyses.add_metric([name, window, p.project], p.analyses)
 
 
-class ExlogareCollector:
-    """Builds the data families from the store's current snapshot; never calls the upstream."""
-
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
-        self._store = store
-        self._clock = clock
-
-    def describe(self) -> list[Metric]:
-        return Families().all()
-
-    def collect(self) -> Iterable[Metric]:
-        return data_families(self._store.snapshot().values(), self._clock())
-
-
-def data_families(states: Iterable[TenantState], now: float) -> list[Metric]:
-    """The tenants' data and health families at `now`: every family, with or without samples."""
-    families = Families()
-    for state in states:
-        families.add_tenant(state, now)
-    return families.all()
-
-
-def data_piece_families(name: str, pieces: Iterable[Piece], kinds: Kinds = CLIENT) -> list[Any]:
-    """Every data family, with the samples of some pieces of one tenant (`tenant_pieces`)."""
+def data_piece_families(pieces: Iterable[tuple[str, Piece]], kinds: Kinds = CLIENT) -> list[Any]:
+    """Every data family, with the samples of `(tenant, piece)` pairs (`tenant_pieces`)."""
     families = Families(kinds)
-    for piece in pieces:
+    for name, piece in pieces:
         families.add_piece(name, piece)
     return families.all()
-
-
-def stream_families(streams: Iterable[TenantStream]) -> list[Metric]:
-    """The RCA stream's families: counters, confidence histogram, newest RCA and the stream's health."""
-    return stream_piece_families((s.name, piece) for s in streams for piece in stream_pieces(s))
 
 
 def stream_piece_families(pieces: Iterable[tuple[str, Piece]], kinds: Kinds = CLIENT) -> list[Any]:
@@ -229,7 +199,7 @@ class TenantRequests:
     counts: Mapping[tuple[str, str], int]
 
 
-def request_pieces(requests: TenantRequests) -> list[Piece]:
+def request_pieces(requests: TenantRequests, now: float) -> list[Piece]:
     return [(COUNTS, requests.counts)]
 
 
@@ -245,31 +215,30 @@ def request_piece_families(pieces: Iterable[tuple[str, Piece]], kinds: Kinds = C
     return [family]
 
 
-class RequestCollector:
-    """The upstream request counters from their store's snapshot."""
+@dataclass(frozen=True)
+class Section:
+    """Families built from one store's snapshot, item (tenant) by item and piece by piece: a collector of
+    the registry, which builds them all at each scrape, and what `exposition` caches piece by piece.
 
-    def __init__(self, requests: Store[TenantRequests]) -> None:
-        self._requests = requests
+    `pieces(item, now)` are an item's pieces at `now`, in exposition order; `families(pairs, kinds)` builds
+    every family of the section (with or without samples) from `(tenant, piece)` pairs, and must create
+    them all before it reads the first pair; `valid_until(item, now)` is when time alone would change the
+    item's pieces."""
 
-    def describe(self) -> list[Metric]:
-        return request_piece_families(())
-
-    def collect(self) -> Iterable[Metric]:
-        return request_piece_families((r.name, piece) for r in self._requests.snapshot().values()
-                                      for piece in request_pieces(r))
-
-
-class StreamCollector:
-    """The RCA stream's series from the stream store's snapshot; never calls the upstream."""
-
-    def __init__(self, streams: Store[TenantStream]) -> None:
-        self._streams = streams
+    store: Store[Any]
+    pieces: Callable[[Any, float], list[Piece]]
+    families: Callable[[Iterable[tuple[str, Piece]], Kinds], list[Any]]
+    clock: Callable[[], float]
+    valid_until: Callable[[Any, float], float] = lambda item, now: math.inf
 
     def describe(self) -> list[Metric]:
-        return stream_families(())
+        return self.families((), CLIENT)
 
     def collect(self) -> Iterable[Metric]:
-        return stream_families(self._streams.snapshot().values())
+        """Every family from the snapshot; never calls the upstream."""
+        now = self.clock()
+        return self.families(((name, piece) for name, item in self.store.snapshot().items()
+                              for piece in self.pieces(item, now)), CLIENT)
 
 
 class ExporterMetrics:
@@ -280,16 +249,20 @@ class ExporterMetrics:
         disable_created_metrics()  # `_created` series would double the counters' cardinality for no use
         self.store = store
         self.clock = clock
-        # `registry` is the whole exposition: the families built from the stores' snapshots, then `live`.
-        self.registry = CollectorRegistry()
-        self.registry.register(ExlogareCollector(store, clock))
         self.streams: Store[TenantStream] = streams if streams is not None else Store()
-        self.registry.register(StreamCollector(self.streams))
         # Upstream requests per tenant: a store too (a few thousand series at a thousand tenants, and most
         # tenants' counts do not move between two scrapes), so /metrics renders only the tenants that did.
         self.requests: Store[TenantRequests] = Store()
         self._requests_lock = threading.Lock()
-        self.registry.register(RequestCollector(self.requests))
+        # `registry` is the whole exposition: the families built from the stores' snapshots, then `live`.
+        self.sections = (
+            Section(store, tenant_pieces, data_piece_families, clock, TenantState.fresh_until),
+            Section(self.streams, stream_pieces, stream_piece_families, clock),
+            Section(self.requests, request_pieces, request_piece_families, clock),
+        )
+        self.registry = CollectorRegistry()
+        for section in self.sections:
+            self.registry.register(section)
         # `live`: the small, fast-changing rest (gauges, process), which /metrics renders at every scrape
         # while it caches the snapshot part (see `exposition`). Register new instruments here.
         self.live = CollectorRegistry()

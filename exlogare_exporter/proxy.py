@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import math
 import re
@@ -26,7 +25,18 @@ from urllib.parse import parse_qsl, urlsplit
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .apirules import US_PER_DAY, ApiError, Query, iso, parse_uuid
+from .apirules import (
+    ANALYSES_LIMIT,
+    INT_PARAMS,
+    PAGE_LIMIT,
+    ApiError,
+    IntParam,
+    Query,
+    check_analyses_filters,
+    iso,
+    json_bytes,
+    parse_uuid,
+)
 from .cache import MISS, Cache, CacheStats
 from .client import (
     AuthError,
@@ -39,7 +49,7 @@ from .client import (
     endpoint_label,
 )
 from .config import Config, ProxyClient, ProxyConfig, TenantConfig
-from .parse import SEVERITIES, ShapeError
+from .parse import ShapeError
 from .web import SECURITY_HEADERS
 
 log = logging.getLogger(__name__)
@@ -53,10 +63,8 @@ WALK_LABEL = "analyses_json"
 MAX_PATH_CHARS = 512
 MAX_QUERY_CHARS = 2048
 MAX_QUERY_FIELDS = 32
-PAGE_LIMIT = 500  # the most /analyses gives in one page
 DEFAULT_MAX_ITEMS = 1000
 DEFAULT_RETRY_AFTER = 30  # seconds, when a 429 did not say
-MAX_WINDOW_US = 365 * US_PER_DAY
 ENTRY_OVERHEAD_BYTES = 256  # key, headers and bookkeeping of one cache entry, roughly
 ALL = ("", "*")  # analyses.json filter values meaning "no filter" (Grafana's All)
 REALM = "exlogare-proxy"
@@ -68,14 +76,6 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 # --- routes ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class IntParam:
-    name: str
-    default: int
-    ge: int
-    le: int
 
 
 def _shape(kind: type) -> Callable[[Any], Any]:
@@ -108,17 +108,20 @@ class Endpoint:
     check: Callable[[Any], Any]
 
 
-_DAYS_180 = IntParam("days", 30, 1, 180)
-_TOP_LIMIT = IntParam("limit", 10, 1, 50)
-ANALYSES = Endpoint("/analyses", (IntParam("limit", 100, 1, PAGE_LIMIT),), check_page)
+def _endpoint(path: str, check: Callable[[Any], Any]) -> Endpoint:
+    """A list or stats endpoint, with the server's integer parameters."""
+    return Endpoint(path, INT_PARAMS[path], check)
+
+
+ANALYSES = _endpoint("/analyses", check_page)
 ANALYSIS = Endpoint("/analyses/{id}", (), _shape(dict))
 # The six read endpoints, by path below /api/v1 ("/analyses/{id}" stands for every id).
 ENDPOINTS: dict[str, Endpoint] = {e.path: e for e in (
     ANALYSES, ANALYSIS,
-    Endpoint("/stats/overview", (IntParam("days", 30, 1, 365),), _shape(dict)),
-    Endpoint("/stats/timeseries", (_DAYS_180,), _shape(list)),
-    Endpoint("/stats/top-projects", (_DAYS_180, _TOP_LIMIT), _shape(list)),
-    Endpoint("/stats/top-root-causes", (_DAYS_180, _TOP_LIMIT), _shape(list)),
+    _endpoint("/stats/overview", _shape(dict)),
+    _endpoint("/stats/timeseries", _shape(list)),
+    _endpoint("/stats/top-projects", _shape(list)),
+    _endpoint("/stats/top-root-causes", _shape(list)),
 )}
 
 
@@ -165,10 +168,6 @@ def route_of(segments: list[str]) -> Route:
 # --- answers ---------------------------------------------------------------------------------------------
 
 
-def json_body(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-
-
 @dataclass(frozen=True)
 class Answer:
     """A JSON response; answers that came from the upstream (200s and 4xx verdicts) are cached."""
@@ -179,7 +178,7 @@ class Answer:
 
     @classmethod
     def detail(cls, status: int, detail: Any, headers: tuple[tuple[str, str], ...] = ()) -> Answer:
-        return cls(status, json_body({"detail": detail}), headers)
+        return cls(status, json_bytes({"detail": detail}), headers)
 
     def size(self) -> int:
         return len(self.body) + sum(len(k) + len(v) for k, v in self.headers) + ENTRY_OVERHEAD_BYTES
@@ -268,18 +267,7 @@ def parse_query(raw: str) -> dict[str, str]:
 
 
 def _api_error(exc: ApiError) -> Refused:
-    return Refused(Answer(exc.status, json_body(exc.body)))
-
-
-def _check_filters(since: int | None, until: int | None, severity: str | None) -> None:
-    """The server's 400s for /analyses, in its order."""
-    if severity is not None and severity not in SEVERITIES:
-        raise Refused.detail(400, f"Unknown severity '{severity}': expected one of low, medium, high")
-    if since is not None and until is not None:
-        if since > until:
-            raise Refused.detail(400, "'since' must not be after 'until'")
-        if until - since > MAX_WINDOW_US:
-            raise Refused.detail(400, "The since..until window must not exceed 365 days")
+    return Refused(Answer(exc.status, json_bytes(exc.body)))
 
 
 def api_params(api_path: str, query: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
@@ -295,7 +283,7 @@ def api_params(api_path: str, query: Mapping[str, str]) -> tuple[str, dict[str, 
         if endpoint is ANALYSES:
             return api_path, _analyses_params(query)
         q = Query(query)
-        params = {p.name: q.integer(p.name, p.default, p.ge, p.le) for p in endpoint.ints}
+        params = {p.name: p.read(q) for p in endpoint.ints}
         q.check()
         return api_path, params
     except ApiError as exc:
@@ -305,10 +293,9 @@ def api_params(api_path: str, query: Mapping[str, str]) -> tuple[str, dict[str, 
 def _analyses_params(query: Mapping[str, str]) -> dict[str, Any]:
     q = Query(query)
     since, until = q.datetime_us("since"), q.datetime_us("until")
-    (limit,) = ANALYSES.ints
-    params: dict[str, Any] = {"limit": q.integer(limit.name, limit.default, limit.ge, limit.le)}
+    params: dict[str, Any] = {ANALYSES_LIMIT.name: ANALYSES_LIMIT.read(q)}
     q.check()
-    _check_filters(since, until, query.get("severity"))
+    check_analyses_filters(since, until, query.get("severity"))  # ApiError: api_params turns it into Refused
     params.update(_iso_bounds(since, until))
     params.update({k: query[k] for k in ("severity", "project", "source", "cursor") if k in query})
     return params
@@ -354,7 +341,10 @@ def walk_query(query: Mapping[str, str], cap: int, now: float) -> WalkQuery:
     filters = {k: query[k] for k in ("severity", "project", "source") if query.get(k) not in (None, *ALL)}
     now_us = round(now * 1e6)
     bounds = {"since": since, "until": until} | {k: now_us - s * 1_000_000 for k, s in relative.items()}
-    _check_filters(bounds["since"], bounds["until"], filters.get("severity"))
+    try:
+        check_analyses_filters(bounds["since"], bounds["until"], filters.get("severity"))
+    except ApiError as exc:
+        raise _api_error(exc) from None
     params = {**filters, **_iso_bounds(since, until)}
     return WalkQuery(max_items, tuple(sorted(params.items())), tuple(sorted(relative.items())))
 
@@ -520,7 +510,7 @@ class Proxy:
         client = self._authenticate(state, environ.get("HTTP_AUTHORIZATION"))
         request.client = client.name
         if route.kind == "tenants":
-            return Answer(200, json_body([{"name": n} for n in client.tenants if n in state.tenants]))
+            return Answer(200, json_bytes([{"name": n} for n in client.tenants if n in state.tenants]))
         upstream = self._clients(route.tenant or "") if route.tenant in client.tenants else None
         if upstream is None or route.tenant not in state.tenants:
             # The same answer whether the tenant exists or not: a client learns nothing of the others.
@@ -582,7 +572,7 @@ class Proxy:
             data = self._get(client, path, params, check)
         except BadRequest as exc:  # the upstream's verdict on this query: as cacheable as a 200
             return error_answer(exc)
-        return Answer(200, json_body(data))
+        return Answer(200, json_bytes(data))
 
     def _walk(self, client: ExlogareClient, walk: WalkQuery) -> Answer:
         """Every page of /analyses (up to max_items) as one flat array, de-duplicated by id."""
@@ -605,7 +595,7 @@ class Proxy:
             if not cursor or not fresh:
                 break
         truncated = "true" if cursor and len(items) >= walk.max_items else "false"
-        return Answer(200, json_body(items[: walk.max_items]), (("X-Exlogare-Truncated", truncated),))
+        return Answer(200, json_bytes(items[: walk.max_items]), (("X-Exlogare-Truncated", truncated),))
 
 
 @dataclass

@@ -33,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from .apirules import PAGE_LIMIT  # a walk asks for the most /analyses gives: the fewest calls
 from .client import BadRequest, UpstreamError
 from .parse import NO_PROJECT_LABEL, SEVERITIES, AnalysesPage, Analysis, sanitize_label
 
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PAGE_LIMIT = 500  # the most /analyses returns per page: the fewest calls per walk
 CONFIDENCE_BUCKETS: tuple[float, ...] = tuple(round(i / 10, 1) for i in range(1, 11))  # 0.1 … 1.0
 OTHER_LABEL = "(other)"
 

@@ -43,6 +43,16 @@ def _iso(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else ""
 
 
+def _stream_status(stream: TenantStream | None) -> dict[str, Any]:
+    """The RCA stream's part of a tenant's /readyz entry (absent when the stream is off).
+
+    It does not gate readiness: the counters are valid (at zero) before the first walk."""
+    if stream is None:
+        return {}
+    return {"analyses": {"status": stream.status, "last_success": _iso(stream.last_success),
+                         "last_error": stream.last_error or "", "catching_up": stream.catching_up}}
+
+
 def tenant_status(state: TenantState | None) -> str:
     if state is None or state.attempts == 0:
         return "pending"
@@ -94,29 +104,20 @@ class ExporterApp:
 
     def _readyz(self, start_response: StartResponse) -> Iterable[bytes]:
         rows = self._tenant_rows()
+        streams = self._streams.snapshot()  # one snapshot for every row
         body = {
             "ready": all(tenant_status(s) != "pending" for _, s in rows),
             "tenants": {
                 name: {"status": tenant_status(s),
                        "last_success": _iso(s.last_success) if s else "",
                        "last_error": (s.last_error or "") if s else "",
-                       **self._stream_status(name)}
+                       **_stream_status(streams.get(name))}
                 for name, s in rows
             },
         }
         status = "200 OK" if body["ready"] else "503 Service Unavailable"
         return self._send(start_response, status, json.dumps(body, indent=2).encode() + b"\n",
                           "application/json")
-
-    def _stream_status(self, name: str) -> dict[str, Any]:
-        """The RCA stream's part of a tenant's /readyz entry (absent when the stream is off).
-
-        It does not gate readiness: the counters are valid (at zero) before the first walk."""
-        stream = self._streams.snapshot().get(name)
-        if stream is None:
-            return {}
-        return {"analyses": {"status": stream.status, "last_success": _iso(stream.last_success),
-                             "last_error": stream.last_error or "", "catching_up": stream.catching_up}}
 
     def _landing(self) -> str:
         esc = html.escape
@@ -181,7 +182,8 @@ class HTTPServer:
                 self._front = TLSFront(tls, host, port, backend, idle_timeout=options["channel_timeout"],
                                        max_connections=options["connection_limit"])
             except OSError:
-                self._close_backend()
+                wasyncore.close_all(self._server._map)
+                self._remove_backend()
                 raise
             self.port = self._front.port
         self._thread = threading.Thread(target=self._server.run, name=f"http-{self.port}", daemon=True)
@@ -201,14 +203,14 @@ class HTTPServer:
     def stop(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
         if self._front is not None:
-            self._front.stop(timeout)
+            self._front.stop(max(0.0, deadline - time.monotonic()))
         self._server.task_dispatcher.shutdown(timeout=max(0.0, deadline - time.monotonic()))
         wasyncore.close_all(self._server._map)  # an empty map ends waitress' loop
         self._thread.join(max(0.0, deadline - time.monotonic()))
-        self._close_backend()
+        self._remove_backend()
 
-    def _close_backend(self) -> None:
+    def _remove_backend(self) -> None:
+        """The private directory of the TLS front's Unix socket."""
         if self._private_dir is not None:
-            wasyncore.close_all(self._server._map)
             shutil.rmtree(self._private_dir, ignore_errors=True)
             self._private_dir = None

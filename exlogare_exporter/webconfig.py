@@ -80,7 +80,6 @@ class WebConfig:
     tls: TLSSettings | None = None
     users: Mapping[str, bytes] = field(default_factory=dict)  # user -> bcrypt hash
     open_paths: frozenset[str] = frozenset()
-    source: str | None = None
     ssl_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
     def needs_auth(self, path: str) -> bool:
@@ -194,7 +193,7 @@ def _open_paths(raw: Any) -> frozenset[str]:
     return frozenset(raw)
 
 
-def parse_web_config(data: Any, base_dir: str, source: str | None = None) -> WebConfig:
+def parse_web_config(data: Any, base_dir: str) -> WebConfig:
     """Validate decoded YAML (relative files resolve against `base_dir`) and build the TLS context."""
     root = _mapping(data, "", _TOP_KEYS)
     tls = _tls(root.get("tls_server_config"), base_dir)
@@ -212,14 +211,14 @@ def parse_web_config(data: Any, base_dir: str, source: str | None = None) -> Web
                                                    f"{exc.reason or exc.strerror or 'TLS error'}") from None
         except OSError as exc:
             raise ConfigError("tls_server_config", f"cannot load: {exc.strerror or 'error'}") from None
-    return WebConfig(tls=tls, users=users, open_paths=open_paths, source=source, ssl_context=context)
+    return WebConfig(tls=tls, users=users, open_paths=open_paths, ssl_context=context)
 
 
 def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
     name = os.fspath(path)
     data = read_yaml(name, "web config file")
     try:
-        return parse_web_config(data, os.path.dirname(os.path.abspath(name)), source=name)
+        return parse_web_config(data, os.path.dirname(os.path.abspath(name)))
     except ConfigError as exc:
         raise ConfigError(f"{name}: {exc.key_path}" if exc.key_path else name, exc.reason) from None
 

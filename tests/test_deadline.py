@@ -15,6 +15,7 @@ from requests.adapters import HTTPAdapter
 from exlogare_exporter import deadline
 from exlogare_exporter.client import ExlogareClient, TransportError
 from exlogare_exporter.parse import parse_overview
+from tests.support import wait_until
 from tests.test_client import Tenant
 
 
@@ -86,7 +87,8 @@ def test_a_short_budget_is_cut_on_time_while_a_longer_one_waits(trickle: Trickle
 
     waiting = threading.Thread(target=slow, daemon=True)
     waiting.start()
-    time.sleep(0.2)  # let the long attempt arm its deadline first (its trickle never ends)
+    # the long attempt arms its deadline before it connects: once the server has its connection, it is armed
+    wait_until(lambda: trickle.threads, timeout=5, what="the long attempt's connection")
     started = time.monotonic()
     with pytest.raises(TransportError) as info:
         fetch(short)

@@ -21,12 +21,10 @@ from exlogare_exporter.exposition import (
     GROUP,
     MAX_FORMATS,
     CachedExposition,
-    Section,
     fast_zlib,
     negotiate,
-    sections_of,
 )
-from exlogare_exporter.metrics import HEALTH, ExporterMetrics
+from exlogare_exporter.metrics import HEALTH, ExporterMetrics, Section
 from exlogare_exporter.state import Store
 from exlogare_exporter.web import ExporterApp, HTTPServer
 from tests import synthetic
@@ -106,7 +104,7 @@ def assert_same_as_plain(cached: CachedExposition, metrics: ExporterMetrics) -> 
 @pytest.mark.parametrize("deflate", [zlib, fast_zlib], ids=["zlib", "fast"])
 def test_the_same_bytes_as_the_plain_way_across_changes_and_expiry(metrics: ExporterMetrics, clock: Clock,
                                                                    deflate: ModuleType) -> None:
-    cached = CachedExposition(sections_of(metrics), metrics.live, metrics.registry, clock, deflate=deflate)
+    cached = CachedExposition(metrics.sections, metrics.live, metrics.registry, clock, deflate=deflate)
     assert_same_as_plain(cached, metrics)
     # a refresh of one tenant, a stream walk, a removed tenant, a new one
     metrics.store.put(synthetic.tenant_state("t0001", NOW, seed=7))
@@ -155,15 +153,15 @@ def test_a_change_formats_again_only_the_pieces_whose_value_changed(metrics: Exp
     built: list[tuple[str, Any]] = []
 
     def counting(section: Section) -> Section:
-        def families(name: str, pieces: Any, kinds: Any) -> Any:
+        def families(pieces: Any, kinds: Any) -> Any:
             def noted() -> Any:  # as the builder reads them: the cache cuts its lines between two pieces
-                for key, value in pieces:
+                for name, (key, value) in pieces:
                     built.append((name, key))
-                    yield key, value
-            return section.families(name, noted(), kinds)
+                    yield name, (key, value)
+            return section.families(noted(), kinds)
         return replace(section, families=families)
 
-    sections = tuple(counting(s) for s in sections_of(metrics))
+    sections = tuple(counting(s) for s in metrics.sections)
     cached = CachedExposition(sections, metrics.live, metrics.registry, metrics.clock)
     fmt = negotiate(None)
     cached.render(fmt)
@@ -229,6 +227,7 @@ def test_concurrent_scrapes_render_once(metrics: ExporterMetrics) -> None:
     for thread in threads:
         thread.join()
     assert cached.renders == 1
+    assert len(bodies) == 8
     assert len({without_process(b) for b in bodies}) == 1
 
 

@@ -50,13 +50,13 @@ def assert_same(client: list[object], lines: list[LineFamily]) -> None:
 
 def test_every_family_of_the_exporter_formats_as_client_python_does() -> None:
     state = synthetic.tenant_state("t0001", NOW)
-    assert_same(data_piece_families("t0001", tenant_pieces(state, NOW)),
-                data_piece_families("t0001", tenant_pieces(state, NOW), LINES))
+    pieces = [("t0001", piece) for piece in tenant_pieces(state, NOW)]
+    assert_same(data_piece_families(pieces), data_piece_families(pieces, LINES))
     stream = synthetic.tenant_stream("t0001", NOW)
-    pieces = [("t0001", piece) for piece in stream_pieces(stream)]
+    pieces = [("t0001", piece) for piece in stream_pieces(stream, NOW)]
     assert_same(stream_piece_families(pieces), stream_piece_families(pieces, LINES))
     requests = TenantRequests("t0001", {("overview", "200"): 3, ("analyses", "timeout"): 1})
-    pieces = [("t0001", piece) for piece in request_pieces(requests)]
+    pieces = [("t0001", piece) for piece in request_pieces(requests, NOW)]
     assert_same(request_piece_families(pieces), request_piece_families(pieces, LINES))
     assert len(request_piece_families(pieces, LINES)[0].lines) == 2
 

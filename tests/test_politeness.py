@@ -212,11 +212,11 @@ def test_the_poller_gives_tenants_of_one_server_one_budget() -> None:
     for name in ("a", "b", "c"):
         sim.add_tenant(name, history_days=5, per_day=3)
     with SimulatorServer(sim) as server:
-        data = {"defaults": {"base_url": server.url, "base_url_max_requests_per_second": 20,
+        data = {"concurrency": 3,
+                "defaults": {"base_url": server.url, "base_url_max_requests_per_second": 20,
                              "base_url_max_requests_burst": 1, "analyses_interval": 0},
                 "tenants": [{"name": n, "token": sim.token(n)} for n in ("a", "b", "c")]}
         poller = Poller(Store())
-        poller.concurrency = 3
         poller.apply(parse_config(data, environ={}))
         try:
             states = poller.refresh_all()

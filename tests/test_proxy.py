@@ -457,6 +457,8 @@ def test_the_proxy_section_is_parsed_with_its_defaults() -> None:
     ({"enable": True}, "proxy.enable: unknown key. Did you mean enabled?"),
     ({"clients": [{"name": "g g", "token_env": "G", "tenants": ["acme"]}]},
      "proxy.clients[0].name: 'g g' is not a valid client name"),
+    ({"clients": [{"name": "exl_pasted_token_value", "token_env": "G", "tenants": ["acme"]}]},
+     "proxy.clients[0].name: this looks like a token, not a client name"),
 ])
 def test_proxy_config_errors_name_the_key(change: dict, message: str) -> None:
     with pytest.raises(ConfigError) as caught:

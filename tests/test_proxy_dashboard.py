@@ -4,7 +4,6 @@ proxy route that exists and answers with the fields its panels select."""
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,46 +14,43 @@ import pytest
 import yaml
 
 from exlogare_exporter.proxy import api_params, path_segments, route_of, walk_query
+from tests.bundle import load_json, panels, queries, substitute, variables
 from tests.proxy_support import Stack, body, running_stack
 from tests.support import ROOT
 
 DASHBOARD = ROOT / "grafana" / "dashboards" / "exlogare-rca-explorer.json"
 DATASOURCE = ROOT / "grafana" / "provisioning" / "datasources" / "exlogare-proxy-infinity.yaml"
 INFINITY = "yesoreyeram-infinity-datasource"
-
-
-def dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text())
-
-
-def variables() -> dict[str, dict[str, Any]]:
-    return {v["name"]: v for v in dashboard()["templating"]["list"]}
+DASH = load_json(DASHBOARD)
+VARS = variables(DASH)
 
 
 def infinity_queries() -> list[tuple[str, dict[str, Any]]]:
-    """(where, query) for every panel target and every Infinity variable."""
-    found = [(f"panel {p['title']}", t) for p in dashboard()["panels"] for t in p.get("targets", [])]
+    """(where, query) for every panel target (collapsed rows' too) and every Infinity variable."""
+    found = [(f"panel {p['title']}", t) for p, t in queries(DASH)]
     found += [(f"variable {v['name']}", v["query"]["infinityQuery"])
-              for v in dashboard()["templating"]["list"] if v["type"] == "query"]
+              for v in DASH["templating"]["list"] if v["type"] == "query"]
     return found
 
 
 def choices() -> Iterator[dict[str, str]]:
     """Every combination of the custom variables' values, as Grafana would substitute them."""
     custom = {name: [o["value"] for o in v["options"]]
-              for name, v in variables().items() if v["type"] == "custom"}
+              for name, v in VARS.items() if v["type"] == "custom"}
     for combo in itertools.product(*custom.values()):
         values = dict(zip(custom, combo, strict=True))
         for name, value in values.items():
             if value == "$__all":
-                values[name] = variables()[name]["allValue"]
+                values[name] = VARS[name]["allValue"]
         yield values
 
 
 def render(query: dict[str, Any], values: dict[str, str]) -> tuple[str, dict[str, str]]:
     """The query's path and parameters with `${name}` replaced; unresolved variables fail the test."""
     def sub(text: str) -> str:
-        out = re.sub(r"\$\{(\w+)\}", lambda m: values[m[1]], text)
+        # only the plain `${name}` form: a `${name:format}` changes the value, which `substitute` ignores
+        assert "$" not in re.sub(r"\$\{\w+\}", "", text), text
+        out = substitute(text, values)
         assert "$" not in out, text
         return out
     params = {p["key"]: sub(p["value"]) for p in query["url_options"].get("params", [])}
@@ -62,31 +58,29 @@ def render(query: dict[str, Any], values: dict[str, str]) -> tuple[str, dict[str
 
 
 def test_the_dashboard_is_valid_and_stable() -> None:
-    dash = dashboard()
-    assert dash["uid"] == "exlogare-rca-explorer"
-    assert dash["schemaVersion"] == 41
-    assert dash["title"] and dash["description"]
-    ids = [p["id"] for p in dash["panels"]]
+    assert DASH["uid"] == "exlogare-rca-explorer"
+    assert DASH["schemaVersion"] == 41
+    assert DASH["title"] and DASH["description"]
+    ids = [p["id"] for p in DASH["panels"]]
     assert len(ids) == len(set(ids))
-    cells = [(x, y) for p in dash["panels"] for g in [p["gridPos"]]
+    cells = [(x, y) for p in DASH["panels"] for g in [p["gridPos"]]
              for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])]
     assert len(cells) == len(set(cells)), "panels overlap"
-    assert all(g["x"] + g["w"] <= 24 for g in (p["gridPos"] for p in dash["panels"]))
-    var = variables()
-    assert var["datasource"]["type"] == "datasource" and var["datasource"]["query"] == INFINITY
-    assert {"tenant", "days", "severity", "project"} <= set(var)
-    assert var["project"]["regex"] == "/.+/" and var["project"]["allValue"] == "*"
-    for panel in dash["panels"]:
+    assert all(g["x"] + g["w"] <= 24 for g in (p["gridPos"] for p in DASH["panels"]))
+    assert VARS["datasource"]["type"] == "datasource" and VARS["datasource"]["query"] == INFINITY
+    assert {"tenant", "days", "severity", "project"} <= set(VARS)
+    assert VARS["project"]["regex"] == "/.+/" and VARS["project"]["allValue"] == "*"
+    for panel in panels(DASH):
         assert panel["datasource"] == {"type": INFINITY, "uid": "${datasource}"}, panel["title"]
         assert all(t["datasource"] == panel["datasource"] for t in panel["targets"])
     for name in ("tenant", "project"):
-        assert var[name]["datasource"] == {"type": INFINITY, "uid": "${datasource}"}
-    titles = {p["title"] for p in dash["panels"]}
+        assert VARS[name]["datasource"] == {"type": INFINITY, "uid": "${datasource}"}
+    titles = {p["title"] for p in panels(DASH)}
     assert "Recent RCAs" in titles
 
 
 def test_the_recent_rcas_table_links_to_the_job_and_filters_by_severity_and_project() -> None:
-    (table,) = [p for p in dashboard()["panels"] if p["title"] == "Recent RCAs"]
+    (table,) = [p for p in panels(DASH) if p["title"] == "Recent RCAs"]
     (target,) = table["targets"]
     assert target["url"] == "/proxy/${tenant}/analyses.json"
     params = {p["key"]: p["value"] for p in target["url_options"]["params"]}
@@ -98,9 +92,9 @@ def test_the_recent_rcas_table_links_to_the_job_and_filters_by_severity_and_proj
 
 
 def test_every_query_is_a_proxy_route_that_exists_for_every_variable_value() -> None:
-    queries = infinity_queries()
-    assert len(queries) >= 8
-    for (where, query), values in itertools.product(queries, choices()):
+    found = infinity_queries()
+    assert len(found) >= 8
+    for (where, query), values in itertools.product(found, choices()):
         path, params = render(query, {**values, "tenant": "acme", "project": "acme/api"})
         assert query["type"] == "json" and query["source"] == "url", where
         assert query["url_options"]["method"] == "GET", where
@@ -154,10 +148,10 @@ def selected(data: Any, selector: str) -> list[Any]:
 
 @pytest.mark.e2e
 def test_every_panel_query_answers_with_the_fields_it_selects(stack: Stack) -> None:
-    tenants = get(stack, variables()["tenant"]["query"]["infinityQuery"], {})
+    tenants = get(stack, VARS["tenant"]["query"]["infinityQuery"], {})
     assert tenants == [{"name": "acme"}]
     values = {"tenant": "acme", "days": "30", "severity": "*", "project": "*"}
-    projects = get(stack, variables()["project"]["query"]["infinityQuery"], values)
+    projects = get(stack, VARS["project"]["query"]["infinityQuery"], values)
     projects = [p for p in projects if p["project_path"]]  # the variable's regex drops the others
     assert projects
     for where, query in infinity_queries():
@@ -166,7 +160,7 @@ def test_every_panel_query_answers_with_the_fields_it_selects(stack: Stack) -> N
             found = selected(data, column["selector"])
             optional = column["selector"] == "severity_counts.high"  # absent when there were none
             assert optional or any(v is not None for v in found), (where, column["selector"])
-    (recent,) = [p["targets"][0] for p in dashboard()["panels"] if p["title"] == "Recent RCAs"]
+    (recent,) = [p["targets"][0] for p in panels(DASH) if p["title"] == "Recent RCAs"]
     filtered = get(stack, recent, {**values, "severity": "high", "project": projects[0]["project_path"]})
     assert filtered and {(r["severity"], r["project_path"]) for r in filtered} == {
         ("high", projects[0]["project_path"])}

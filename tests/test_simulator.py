@@ -608,7 +608,7 @@ def test_triggers_and_param_faults_act_between_two_pages_of_a_walk(
     api.ok("/analyses", limit=5, cursor=first["next_cursor"])
     added = [i for i in api.walk(limit=500) if i["id"] not in before]
     assert [i["severity"] for i in added] == ["high"] * 3
-    http.post(f"{base}/triggers", json={**trigger, "count": None}, timeout=10)
+    assert http.post(f"{base}/triggers", json={**trigger, "count": None}, timeout=10).status_code == 200
     assert http.delete(f"{base}/triggers", timeout=10).status_code == 200
     api.ok("/analyses", limit=5, cursor=first["next_cursor"])
     assert len(api.walk(limit=500)) == 13

@@ -6,10 +6,9 @@ standard library. Run it with `python -m exlogare_exporter.simulator --help`.
 
 from __future__ import annotations
 
-from ..apirules import ApiError
+from ..apirules import SEVERITIES, ApiError
 from .app import WSGIApp, make_app
 from .core import Fault, Reply, RequestRecord, Simulator
-from .data import SEVERITIES
 from .server import DEMO_TENANTS, Arrivals, SimulatorServer, demo_simulator, main
 
 __all__ = [

@@ -15,7 +15,8 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl
 
-from .core import Reply, Simulator, json_bytes, reply_json
+from ..apirules import json_bytes
+from .core import Reply, Simulator, reply_json
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]

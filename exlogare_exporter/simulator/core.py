@@ -18,34 +18,38 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..apirules import (
+    ANALYSES_LIMIT,
+    INT_PARAMS,
+    SEVERITIES,
     US_PER_DAY,
     US_PER_SECOND,
     ApiError,
     Query,
-    bad_request,
+    check_analyses_filters,
     decode_cursor,
     encode_cursor,
     from_us,
+    json_bytes,
     parse_uuid,
     to_us,
 )
 from . import data
-from .data import SEVERITIES, Failure, Rca
+from .data import Failure, Rca
 from .store import TenantStore
 
 API_PREFIX = "/api/v1"
-MAX_WINDOW_US = 365 * US_PER_DAY
 LOG_LIMIT = 100_000
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _UNSET: Any = ...
 
-# path below /api/v1 -> (route name, max days). "/analyses/{id}" is matched separately.
-ROUTES: dict[str, tuple[str, int]] = {
-    "/analyses": ("analyses", 0),
-    "/stats/overview": ("overview", 365),
-    "/stats/timeseries": ("timeseries", 180),
-    "/stats/top-projects": ("top-projects", 180),
-    "/stats/top-root-causes": ("top-root-causes", 180),
+# path below /api/v1 -> route name (its integer parameters: apirules.INT_PARAMS). "/analyses/{id}" is
+# matched separately.
+ROUTES: dict[str, str] = {
+    "/analyses": "analyses",
+    "/stats/overview": "overview",
+    "/stats/timeseries": "timeseries",
+    "/stats/top-projects": "top-projects",
+    "/stats/top-root-causes": "top-root-causes",
 }
 ONE_ANALYSIS = "/analyses/{id}"
 
@@ -116,11 +120,6 @@ def _applies(rule: Fault | Trigger, tenant: str | None, route: str | None, path:
     if rule.param is not None and rule.param not in (query or {}):
         return False
     return rule.endpoint is None or (route is not None and rule.endpoint in (route, path))
-
-
-def json_bytes(obj: Any) -> bytes:
-    """Compact UTF-8 JSON, as FastAPI's JSONResponse writes it."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def reply_json(status: int, obj: Any, headers: Mapping[str, str] | None = None) -> Reply:
@@ -445,13 +444,13 @@ class Simulator:
             if rca is None:
                 raise ApiError(404, "Not found")
             return rca.data
-        name, max_days = ROUTES[route]
+        name = ROUTES[route]
         q = Query(query)
         if name == "analyses":
             return self._analyses(store, q)
-        days = q.integer("days", 30, 1, max_days)
-        limit = q.integer("limit", 10, 1, 50) if name.startswith("top-") else 0
+        ints = {p.name: p.read(q) for p in INT_PARAMS[route]}
         q.check()
+        days, limit = ints["days"], ints.get("limit", 0)
         hi = self._now_us()
         lo = hi - days * US_PER_DAY
         if name == "overview":
@@ -469,15 +468,9 @@ class Simulator:
         project = q.text("project")
         source = q.text("source")
         cursor = q.text("cursor")
-        limit = q.integer("limit", 100, 1, 500)
+        limit = ANALYSES_LIMIT.read(q)
         q.check()
-        if severity is not None and severity not in SEVERITIES:
-            raise bad_request(f"Unknown severity '{severity}': expected one of low, medium, high")
-        if since is not None and until is not None:
-            if since > until:
-                raise bad_request("'since' must not be after 'until'")
-            if until - since > MAX_WINDOW_US:
-                raise bad_request("The since..until window must not exceed 365 days")
+        check_analyses_filters(since, until, severity)
         after = decode_cursor(cursor) if cursor is not None else None
         items, last = store.page(since=since, until=until, severity=severity, project=project,
                                  source=source, after=after, limit=limit)

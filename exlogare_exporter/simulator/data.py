@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 
 from ..apirules import EPOCH, US_PER_DAY, US_PER_SECOND, iso
 
-SEVERITIES = ("low", "medium", "high")
 SOURCES = ("gitlab_webhook", "github_app", "generic")
 _EPOCH_ORDINAL = EPOCH.date().toordinal()
 CLUSTER_CHARS = 120
